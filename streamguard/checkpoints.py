@@ -1,0 +1,76 @@
+"""Safe checkpoint files: tensors plus JSON-able metadata, verified by sha256.
+
+A checkpoint is a ``dict`` with two keys, ``state_dict`` (name -> tensor) and ``meta``
+(plain Python values only). It is loaded with ``torch.load(weights_only=True)`` so no
+arbitrary object is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary name, fsync, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> str:
+    """Write ``{"state_dict", "meta"}`` atomically and return the file's sha256."""
+    atomic_save({"state_dict": state_dict, "meta": meta}, path)
+    return sha256_file(path)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], sha256: str | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a checkpoint as ``(state_dict, meta)``.
+
+    A bare state dict (as many authors release) is accepted and returned with empty meta.
+    Raises :class:`CheckpointError` for a missing file, a hash mismatch, or a file that is not
+    a tensors-only checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise CheckpointError(
+                f"checkpoint {path} failed its sha256 check (expected {sha256[:12]}…, got {actual[:12]}…): "
+                "the file is truncated or was modified"
+            )
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt/unsafe files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: {first}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        return obj["state_dict"], dict(obj.get("meta") or {})
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise CheckpointError(f"{path} is not a StreamGuard checkpoint or a state dict")
