@@ -8,7 +8,9 @@ arbitrary object is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +76,57 @@ def load_checkpoint(
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj, {}
     raise CheckpointError(f"{path} is not a StreamGuard checkpoint or a state dict")
+
+
+WEIGHTS_DIR = Path(os.environ.get("STREAMGUARD_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
+DEFAULT_CLASSIFIER = "synth-tiny3d"
+DEFAULT_DETECTOR = "synth-patchzero"
+DEFAULT_FRAME_DETECTOR = "synth-frcnn"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A checkpoint we ship or a user gives: where it is, its hash, and what it is.
+
+    ``meta`` holds everything needed to rebuild and use the network (for a downstream model:
+    ``model`` name, ``spec``; for the patch detector: ``backbone``, ``input_size``, ``threshold``...).
+    """
+
+    name: str
+    path: Path
+    sha256: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        state_dict, meta = load_checkpoint(self.path, self.sha256, map_location)
+        return state_dict, {**self.meta, **meta}
+
+
+def read_manifest(weights_dir: Path | None = None) -> dict[str, dict[str, Any]]:
+    """``weights/manifest.json``: ``{name: {"file", "sha256", "kind", "meta", "command", "metrics"}}``."""
+    manifest = (weights_dir or WEIGHTS_DIR) / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    try:
+        return json.loads(manifest.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest}: not valid JSON ({err})") from None
+
+
+def get_weights(ref: str | os.PathLike[str] | Weights) -> Weights:
+    """Resolve a shipped weights name (``synth-tiny3d``) or a checkpoint path to :class:`Weights`.
+
+    Shipped weights carry the sha256 from the manifest and are verified on load; a user's path is
+    loaded as is (its hash is computed for reports, not checked).
+    """
+    if isinstance(ref, Weights):
+        return ref
+    manifest = read_manifest()
+    if str(ref) in manifest:
+        entry = manifest[str(ref)]
+        return Weights(str(ref), WEIGHTS_DIR / entry["file"], entry.get("sha256"), dict(entry.get("meta", {})))
+    path = Path(ref)
+    if path.is_file():
+        return Weights(path.stem, path)
+    known = ", ".join(sorted(manifest)) or "none shipped"
+    raise CheckpointError(f"weights not found: {ref} (not a file, and not a shipped name: {known})")
