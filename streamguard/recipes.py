@@ -32,6 +32,8 @@ class ModelSection:
 class DefenseSection:
     weights: str | None = None
     backbone: str = "mobilenet_v3"
+    width: float = 1.0
+    input_size: int | None = None
     threshold: float = 0.5
     dilate: int = 3
     temporal: Literal["mean", "none", "ema"] = "mean"

@@ -1,0 +1,5 @@
+"""``python -m streamguard`` runs the CLI."""
+
+from .cli import main
+
+main()

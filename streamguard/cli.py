@@ -1,0 +1,597 @@
+"""``streamguard`` command line: a thin typer + rich layer over the library.
+
+Every command registered with ``@app.command()`` gets the same error handling: a
+:class:`StreamGuardError` becomes one red ``error: ...`` line on stderr and exit code
+``err.exit_code``; Ctrl-C exits with 130. Heavy imports (torch, models) happen inside commands
+so ``streamguard --help`` stays fast. Progress bars go to stderr and are off when stderr is not a
+terminal or ``STREAMGUARD_NO_PROGRESS=1``; summaries go to stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import ConfigError, StreamGuardError
+
+if TYPE_CHECKING:
+    from .pipeline import Status, Summary
+    from .recipes import Recipe
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    return typer.Exit(code)
+
+
+def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except StreamGuardError as e:
+            raise _fail(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class _App(typer.Typer):
+    """``typer.Typer`` whose commands all report errors as one line (see module docstring)."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+            register(_one_line_errors(fn))
+            return fn
+
+        return decorator
+
+
+app = _App(
+    name="streamguard",
+    help="PatchZero for video: detect and repaint adversarial patches before a vision model sees them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except StreamGuardError as e:
+        _fail(str(e), e.exit_code)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _progress_enabled() -> bool:
+    return os.environ.get("STREAMGUARD_NO_PROGRESS", "") not in {"1", "true", "yes"} and err.is_terminal
+
+
+@contextmanager
+def _progress(description: str, total: int | None = None) -> Iterator[Callable[[Status], None]]:
+    """A rich progress bar (frames, frames/s) fed by ``Pipeline.run(on_progress=...)``."""
+    if not _progress_enabled():
+        yield lambda status: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[fps]:6.1f} frames/s"), TimeElapsedColumn())
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task(description, total=total, fps=0.0)
+
+        def update(status: Status) -> None:
+            bar.update(task, completed=status.written, total=status.total or total, fps=status.fps)
+
+        yield update
+
+
+@contextmanager
+def _status_line(description: str) -> Iterator[Callable[[Status], None]]:
+    """A one-line live status (fps, latency, dropped, detections) for streams."""
+    if not _progress_enabled():
+        yield lambda status: None
+        return
+    with err.status(description) as line:
+
+        def update(s: Status) -> None:
+            line.update(f"{description}  {s.written} frames  {s.fps:5.1f} fps  latency {s.latency:.2f} s  "
+                        f"dropped {s.dropped}  clips {s.clips}  detections {s.detections}")
+
+        yield update
+
+
+def _summary_table(title: str, rows: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else escape(str(value)))
+    return table
+
+
+def _summary_rows(summary: Summary) -> dict[str, Any]:
+    rows = {
+        "source": summary.source,
+        "size": f"{summary.width}x{summary.height}",
+        "frames": summary.frames,
+        "dropped": summary.dropped,
+        "frames with patches": summary.frames_with_patches,
+        "mean masked area": summary.mean_masked_area,
+        "clips classified": summary.clips,
+        "detections": summary.detections,
+        "frames/s": summary.fps,
+        "latency mean / max (s)": f"{summary.latency_mean:.3f} / {summary.latency_max:.3f}",
+        "wall time (s)": summary.wall_time,
+    }
+    return rows | summary.outputs
+
+
+def _recipe(name_or_path: str | None) -> Recipe | None:
+    if name_or_path is None:
+        return None
+    from .recipes import load_recipe
+
+    return load_recipe(name_or_path)
+
+
+def _load_model(ref: str | None, recipe: Recipe | None, device: str) -> Any:
+    """``--model`` (name, shipped weights or checkpoint), else the recipe's model, else ``None``."""
+    from . import models
+
+    if ref is not None:
+        model = models.load_model(ref)
+    elif recipe is not None:
+        m = recipe.model
+        model = models.build_model(m.name, m.num_classes, m.weights)
+    else:
+        return None
+    return model.to(_device(device)).eval()
+
+
+def _load_defense(ref: str | None, recipe: Recipe | None, model: Any, **overrides: Any) -> Any:
+    from .checkpoints import DEFAULT_DETECTOR
+    from .detector import load_defense
+
+    if recipe is not None:
+        d = recipe.defense
+        ref = ref or d.weights
+        defaults = {"threshold": d.threshold, "dilate": d.dilate, "temporal": d.temporal, "ema": d.ema}
+        overrides = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    if model is not None:
+        overrides["mean"] = tuple(model.spec.mean)
+    return load_defense(ref or DEFAULT_DETECTOR, **overrides)
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ConfigError(f"--device {name}: not available ({str(e).splitlines()[0]})") from None
+    return device
+
+
+# ---------------------------------------------------------------- commands
+
+DetectorOpt = Annotated[str | None, typer.Option("--detector", help="PatchZero weights: shipped name or checkpoint path.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Downstream model: registry name, shipped weights or checkpoint.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device (cpu, cuda, cuda:1...).")]
+
+
+@app.command()
+def sanitize(
+    input: Annotated[str, typer.Argument(help="Video file, lavfi:GRAPH or stream URL.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Sanitized MP4 (H.264, audio copied).")],
+    detector: DetectorOpt = None,
+    model: ModelOpt = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", help="Recipe name (pipelines/NAME.toml) or TOML path.")] = None,
+    clip_len: Annotated[int | None, typer.Option("--clip-len", min=1, help="Frames fused per defense clip.")] = None,
+    stride: Annotated[int | None, typer.Option("--stride", min=1, help="Frames between classifier windows.")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Mask threshold on patch probability.")] = None,
+    dilate: Annotated[int | None, typer.Option("--dilate", min=0, help="Mask dilation radius (pixels).")] = None,
+    overlay: Annotated[Path | None, typer.Option("--overlay", help="Side-by-side input | mask | sanitized MP4.")] = None,
+    predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model.")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Repaint adversarial patches in a video; optionally run a downstream model on the result."""
+    from .io import open_source
+    from .pipeline import Pipeline
+
+    rec = _recipe(recipe)
+    net = _load_model(model, rec, device)
+    if predictions is not None and net is None:
+        raise ConfigError("--predictions needs a downstream model (--model or a recipe)")
+    defense = _load_defense(detector, rec, net, threshold=threshold, dilate=dilate)
+    p = rec.pipeline if rec is not None else None
+    with open_source(input) as source:
+        pipeline = Pipeline(
+            source, defense, net, output=output, predictions=predictions, overlay=overlay,
+            clip_len=clip_len or (p and p.clip_len), stride=stride or (p and p.stride),
+            batch=p.batch if p else 4, queue=p.queue if p else 8, topk=p.topk if p else 5, device=_device(device),
+        )
+        with _progress(f"sanitize {Path(input).name}", source.frame_count) as on_progress:
+            summary = pipeline.run(on_progress=on_progress)
+    out.print(_summary_table("streamguard sanitize", _summary_rows(summary)))
+
+
+@app.command()
+def watch(
+    source: Annotated[str, typer.Argument(help="Stream URL (rtsp://, tcp://, srt://, http(s)://...), /dev/videoN or lavfi:GRAPH.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Record the sanitized stream to this MP4.")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", min=0, help="Stop after this many seconds.")] = None,
+    model: ModelOpt = None,
+    detector: DetectorOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Give up on a stalled source after this many seconds.")] = 10.0,
+    predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model.")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Sanitize a live stream (newest frames win; Ctrl-C stops and keeps what was recorded)."""
+    from .io import open_source
+    from .pipeline import Pipeline
+
+    net = _load_model(model, None, device)
+    defense = _load_defense(detector, None, net)
+    with open_source(source, live=True, timeout=timeout) as src:
+        pipeline = Pipeline(src, defense, net, output=output, predictions=predictions, duration=duration,
+                            batch=1, device=_device(device))
+        with _status_line(f"watch {source}") as on_progress:
+            try:
+                summary = pipeline.run(on_progress=on_progress)
+            except KeyboardInterrupt:
+                summary = pipeline.summary()
+    out.print(_summary_table("streamguard watch", _summary_rows(summary)))
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the downstream models: task, input (C,T,H,W), normalization in [0,1] units, parameters."""
+    from .models import describe_model, list_models
+
+    table = Table(title="streamguard models", title_justify="left")
+    for column in ("name", "task", "input (C,T,H,W)", "mean", "std"):
+        table.add_column(column)
+    table.add_column("params", justify="right")
+    for name in list_models():
+        spec, params = describe_model(name)
+        table.add_row(
+            name, spec.task, "x".join(map(str, (3, spec.clip_len, *spec.input_size))),
+            ", ".join(f"{v:.4g}" for v in spec.mean), ", ".join(f"{v:.4g}" for v in spec.std), f"{params / 1e6:.2f} M",
+        )
+    out.print(table)
+
+
+# ---------------------------------------------------------------- data
+
+data_app = _App(name="data", help="Data sets: generate SynthMotion in UCF101's layout.", no_args_is_help=True)
+app.add_typer(data_app)
+
+
+@contextmanager
+def _count_progress(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar fed with ``(done, total)``."""
+    if not _progress_enabled():
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@data_app.command("synth")
+def data_synth(
+    output: Annotated[Path, typer.Argument(help="Output folder (class folders, ucfTrainTestlist/, synthmotion.json).")],
+    videos_per_class: Annotated[int, typer.Option("--videos-per-class", min=2, help="Videos per motion class.")] = 12,
+    seed: Annotated[int, typer.Option("--seed", help="Everything is a function of this seed.")] = 0,
+    size: Annotated[int, typer.Option("--size", min=16, help="Frame side in pixels (even).")] = 112,
+    frames: Annotated[int, typer.Option("--frames", min=1, help="Frames per video.")] = 32,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Processes rendering videos.")] = 1,
+) -> None:
+    """Generate SynthMotion: textured objects moving in 12 distinct ways over photo backgrounds."""
+    import json
+
+    from .data import SYNTH_CLASSES, make_synthmotion
+
+    total = len(SYNTH_CLASSES) * videos_per_class
+    with _count_progress("synthmotion", total) as on_progress:
+        root = make_synthmotion(output, videos_per_class, seed, size=size, frames=frames, workers=workers, progress=on_progress)
+    meta = json.loads((root / "synthmotion.json").read_text())
+    test = len((root / "ucfTrainTestlist" / "testlist01.txt").read_text().splitlines())
+    megabytes = sum(p.stat().st_size for p in root.rglob("*.avi")) / 2**20
+    out.print(_summary_table("streamguard data synth", {
+        "output": root,
+        "classes": len(meta["classes"]),
+        "videos (train / test, fold 1)": f"{total - test} / {test}",
+        "clip": f"{frames} frames x {size}x{size} @ {meta['fps']} fps",
+        "seed": seed,
+        "codec": meta["codec"],
+        "size on disk (MiB)": megabytes,
+        "wall time (s)": meta["seconds"],
+    }))  # fmt: skip
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+@app.command("evaluate")
+def evaluate_command(
+    recipe: Annotated[str, typer.Argument(help="Recipe name (pipelines/NAME.toml) or TOML path.")],
+    max_videos: Annotated[int | None, typer.Option("--max-videos", min=1, help="Only the first N videos of the seeded order.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Results folder (default: the recipe's evaluate.output).")] = None,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over instead of skipping the samples already in the output.")] = False,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the tables as markdown (for the README).")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Every defense under every attack of a recipe: accuracy (Table 4) and PatchZero's pixel metrics (Table 5a)."""
+    from dataclasses import replace
+
+    from .evaluation import evaluate, save_markdown, table4, table5a, table5a_rows
+    from .recipes import load_recipe
+
+    rec = load_recipe(recipe)
+    settings = replace(rec.evaluate, max_videos=max_videos or rec.evaluate.max_videos, output=str(output or rec.evaluate.output))
+    rec = replace(rec, evaluate=settings)
+    with _count_progress(f"evaluate {rec.name}", 0) as on_progress:
+        report = evaluate(rec, on_progress=on_progress, resume=not no_resume, device=_device(device))
+    out.print(table4(report))
+    if table5a_rows(report)[1]:
+        out.print(table5a(report))
+    if markdown is not None:
+        out.print(f"markdown: {save_markdown(report, markdown)}")
+    out.print(f"results: {report.path} ({len(report.samples)} samples)")
+
+
+# ---------------------------------------------------------------- train
+
+train_app = _App(name="train", help="Train the benchmark classifier and the PatchZero detector (resumable).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+TrainRecipeArg = Annotated[str, typer.Argument(help="Recipe name (pipelines/NAME.toml) or TOML path.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue exactly from the run's last checkpoint.")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", min=0, help="Override train.steps.")]
+TrainOutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Override train.output (the run directory).")]
+TrainDeviceOpt = Annotated[str | None, typer.Option("--device", help="torch device (default: cuda if available, else cpu).")]
+_METRIC_LABELS = {"loss": "loss", "acc": "acc", "top1": "top-1", "f1": "pixel F1", "robust_acc": "robust acc", "fooled": "fooled"}
+
+
+def _train_recipe(name: str, steps: int | None, output: Path | None) -> Recipe:
+    from .recipes import load_recipe
+
+    rec = load_recipe(name)
+    if steps is not None:
+        rec.train.steps = steps
+    if output is not None:
+        rec.train.output = str(output)
+    return rec
+
+
+@contextmanager
+def _train_progress(description: str) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
+    """A rich progress bar fed by the training loops' ``on_progress(step, total, metrics)``."""
+    if not _progress_enabled():
+        yield lambda step, total, metrics: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task(description, total=None, metrics="")
+
+        def update(step: int, total: int, metrics: dict[str, float]) -> None:
+            shown = "  ".join(f"{label} {metrics[k]:.3f}" for k, label in _METRIC_LABELS.items() if k in metrics)
+            bar.update(task, completed=step, total=total, metrics=shown)
+
+        yield update
+
+
+def _print_result(title: str, result: Any) -> None:
+    rows = {"checkpoint": result.path, "sha256": result.sha256, "steps": result.steps}
+    if getattr(result, "stopped_early", False):
+        rows["stopped"] = "early: robust accuracy converged"
+    out.print(_summary_table(title, rows | {_METRIC_LABELS.get(k, k): v for k, v in result.metrics.items()}))
+
+
+def _command_line() -> str:
+    return " ".join(["streamguard", *sys.argv[1:]])
+
+
+@train_app.command("classifier")
+def train_classifier_command(
+    recipe: TrainRecipeArg, resume: ResumeOpt = False, steps: StepsOpt = None, output: TrainOutputOpt = None,
+    device: TrainDeviceOpt = None,
+) -> None:  # fmt: skip
+    """Train the recipe's downstream classifier (benchmark only; PatchZero never retrains it)."""
+    from .training import train_classifier
+
+    rec = _train_recipe(recipe, steps, output)
+    with _train_progress(f"train classifier {rec.model.name}") as on_progress:
+        result = train_classifier(rec, on_progress=on_progress, resume=resume, command=_command_line(), device=device)
+    _print_result("streamguard train classifier", result)
+
+
+@train_app.command("cache")
+def train_cache_command(recipe: TrainRecipeArg, device: TrainDeviceOpt = None) -> None:
+    """Build (or complete) the stage-1 cache of DO-attacked training clips."""
+    from .training import build_attack_cache
+
+    rec = _train_recipe(recipe, None, None)
+    with _train_progress("attack cache") as on_progress:
+        cache = build_attack_cache(rec, on_progress=on_progress, device=device)
+    out.print(f"attack cache: {cache}")
+
+
+@train_app.command("detector")
+def train_detector_command(
+    recipe: TrainRecipeArg,
+    stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: cached DO attacks; 2: online BPDA attacks.")] = 1,
+    init: Annotated[Path | None, typer.Option("--init", help="Stage 2's start (default: the run's detector-stage1.pt).")] = None,
+    resume: ResumeOpt = False,
+    steps: StepsOpt = None,
+    output: TrainOutputOpt = None,
+    device: TrainDeviceOpt = None,
+) -> None:
+    """Train the PatchZero detector; stage 1 first completes the attack cache."""
+    from .training import build_attack_cache, train_detector_stage1, train_detector_stage2
+
+    rec = _train_recipe(recipe, steps, output)
+    if stage == 1:
+        with _train_progress("attack cache") as on_progress:
+            build_attack_cache(rec, on_progress=on_progress, device=device)
+        with _train_progress("train detector, stage 1") as on_progress:
+            result = train_detector_stage1(rec, on_progress=on_progress, resume=resume, command=_command_line(), device=device)
+    else:
+        init = init or Path(rec.train.output) / "detector-stage1.pt"
+        if not init.is_file():
+            raise ConfigError(f"--init: {init} not found (train stage 1 first or pass --init CKPT)")
+        with _train_progress("train detector, stage 2") as on_progress:
+            result = train_detector_stage2(rec, init, on_progress=on_progress, resume=resume, command=_command_line(),
+                                           device=device)  # fmt: skip
+    _print_result(f"streamguard train detector --stage {stage}", result)
+
+
+# ---------------------------------------------------------------- attack
+
+
+def _write_frames(path: Path, frames: Any, fps: float) -> None:
+    """(F, H, W, 3) float frames in [0, 1]: ``.npy`` exactly (float32), any other suffix as lossless-ish H.264."""
+    import numpy as np
+
+    from .io import VideoSink
+
+    if path.suffix.lower() == ".npy":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.npy")
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(frames, dtype=np.float32))
+        os.replace(tmp, path)
+        return
+    height, width = frames.shape[1:3]
+    with VideoSink(path, width, height, fps, crf=0) as sink:
+        for frame in frames:
+            sink.write(np.rint(np.asarray(frame) * 255).astype(np.uint8))
+
+
+@app.command("attack")
+def attack_command(
+    input: Annotated[str, typer.Argument(help="Video file or lavfi:GRAPH to attack.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Attacked video at the model's input size: .npy "
+                                         "(float32 (F,H,W,3) in [0,1], exact) or .mp4 (H.264 crf 0, yuv420p).")],
+    model: ModelOpt = None,
+    detector: DetectorOpt = None,
+    method: Annotated[str, typer.Option("--method", help="pgd, apgd or cw.")] = "pgd",
+    mode: Annotated[str, typer.Option("--mode", help="do: gradients of the model only; bpda: through PatchZero.")] = "do",
+    area: Annotated[float, typer.Option("--area", help="Patch area as a fraction of the frame.")] = 0.05,
+    eps: Annotated[float | None, typer.Option("--eps", help="L-inf budget inside the patch (1 = anything).")] = None,
+    step: Annotated[float | None, typer.Option("--step", help="Step size (CW: learning rate).")] = None,
+    iters: Annotated[int | None, typer.Option("--iters", help="Iterations.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Patch location and random starts.")] = None,
+    moving: Annotated[bool, typer.Option("--moving", help="The patch drifts over the video instead of staying put.")] = False,
+    mask_out: Annotated[Path | None, typer.Option("--mask-out", help="True patch mask: .npy (float32 (F,H,W)) or video.")] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", help="Recipe name or TOML path ([model], [defense], [attack]).")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Put an adversarial patch on a video and show what it does to the model.
+
+    Frames are resized to the model's input size and attacked clip by clip (clip_len frames, label = the model's clean prediction); the attacked frames are written at that size. One patch location is drawn for the whole video. With --detector (or --mode bpda) the table also shows the prediction after PatchZero.
+    """
+    from .attacks import MaskedAttack, attack_video
+    from .checkpoints import DEFAULT_CLASSIFIER
+    from .io import open_source
+    from .models import load_model
+    from .recipes import AttackSection
+
+    rec = _recipe(recipe)
+    net = _load_model(model, rec, device) or load_model(DEFAULT_CLASSIFIER).to(_device(device)).eval()
+    section = rec.attack if rec is not None else AttackSection()
+    if section.targeted:
+        raise ConfigError("attack.targeted: the attack command attacks the model's own predictions; set targeted = false")
+    defense = None
+    if mode == "bpda" or detector is not None:
+        defense = _load_defense(detector, rec, net).to(_device(device))
+    overrides = {k: v for k, v in {"eps": eps, "step": step, "iters": iters, "seed": seed}.items() if v is not None}
+    attack = MaskedAttack.from_section(net, section, method, mode, defense=defense, device=device, **overrides)  # type: ignore[arg-type]
+    with open_source(input) as source, _count_progress(f"attack {Path(input).name}", 0) as on_progress:
+        fps = source.fps
+        result = attack_video((f.image for f in source), attack, area, attack.seed, moving=moving or section.moving,
+                              defense=defense, on_progress=on_progress)  # fmt: skip
+    _write_frames(output, result.frames, fps)
+    if mask_out is not None:
+        _write_frames(mask_out, result.mask if mask_out.suffix.lower() == ".npy" else result.mask[..., None].repeat(3, -1), fps)
+
+    names = net.spec.class_names
+    label = lambda k: names[k] if k < len(names) else str(k)  # noqa: E731
+    table = Table(title=f"streamguard attack: {method} {mode}, area {area:g}", title_justify="left")
+    for column in ("clip", "frames", "clean", "attacked") + (("attacked + PatchZero",) if defense is not None else ()):
+        table.add_column(column)
+    t, n = net.spec.clip_len, len(result.frames)
+    for i, (clean, adv) in enumerate(zip(result.clean, result.attacked)):
+        row = [str(i), f"{i * t}-{min(n, (i + 1) * t) - 1}", label(clean), label(adv)]
+        table.add_row(*map(escape, row + ([label(result.defended[i])] if result.defended is not None else [])))
+    out.print(table)
+    fooled = sum(c != a for c, a in zip(result.clean, result.attacked))
+    summary = {"attacked video": output, "size": f"{result.frames.shape[2]}x{result.frames.shape[1]} (model input)",
+               "frames": n, "fooled clips": f"{fooled} / {len(result.clean)}", "patch area": float(result.mask.mean())}
+    if result.defended is not None:
+        summary["fooled after PatchZero"] = f"{sum(c != d for c, d in zip(result.clean, result.defended))} / {len(result.clean)}"
+    if mask_out is not None:
+        summary["mask"] = mask_out
+    out.print(_summary_table("streamguard attack", summary))
+
+
+@app.command("demo")
+def demo_command(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's videos, PNG strip and result.json.")] = Path("demo"),
+    seed: Annotated[int, typer.Option(help="Seed of the video, the patch location and the attack.")] = 0,
+    video_class: Annotated[int, typer.Option("--class", help="SynthMotion class index of the demo video (0-11).")] = 1,
+    area: Annotated[float, typer.Option(help="Patch area as a fraction of the frame.")] = 0.10,
+    iters: Annotated[int, typer.Option(help="Masked PGD iterations (paper: 20).")] = 20,
+    device: Annotated[str, typer.Option(help="torch device (cpu, cuda...).")] = "cpu",
+) -> None:
+    """Attack a benchmark video with an adaptive (BPDA) patch, remove it with PatchZero, show the result."""
+    from .demo import run_demo
+
+    with _count_progress("demo: attacking clips (Masked PGD, BPDA)", 0) as on_progress:
+        result = run_demo(out_dir, seed=seed, video_class=video_class, area=area, iters=iters,
+                          device=str(_device(device)), on_progress=on_progress)  # fmt: skip
+    table = Table(title=f"streamguard demo: {result.video_class} video, {area:.0%} patch, MPGD-BPDA eps 1.0 step 0.2 x{iters}, seed {seed}",
+                  title_justify="left")  # fmt: skip
+    for column in ("clip", "clean", "attacked (no defense)", "attacked + PatchZero"):
+        table.add_column(column)
+    for i, row in enumerate(zip(result.clean, result.attacked, result.defended)):
+        table.add_row(str(i), *map(escape, row))
+    out.print(table)
+    out.print(_summary_table("PatchZero on the attacked video", {
+        "clips restored": f"{result.restored()} / {len(result.clean)}",
+        "pixel precision / recall / F1": f"{result.pixel_precision:.3f} / {result.pixel_recall:.3f} / {result.pixel_f1:.3f}",
+        "masked fraction": f"{result.masked_fraction:.2%}",
+        **{name: path for name, path in result.files.items()},
+    }))  # fmt: skip

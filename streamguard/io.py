@@ -1,0 +1,409 @@
+"""Video in and out, all through PyAV.
+
+Sources (:func:`open_source`) yield :class:`Frame` objects: ``uint8`` RGB arrays ``(H, W, 3)``
+with the display rotation applied and every pixel format (grayscale, 10-bit, ...) converted
+to ``rgb24``. Sinks write to a hidden temporary name in the destination folder and rename on a
+successful :meth:`close`, so a crash or a ``kill -9`` never leaves a half-written file under the
+final name.
+
+Decisions worth knowing:
+
+* **Odd sizes.** H.264 in ``yuv420p`` needs even dimensions; :class:`VideoSink` pads an odd width
+  or height by one pixel (the last column/row repeated), so such outputs are one pixel larger.
+* **Truncated files.** A file whose moov/index is missing fails at open. A file that decodes
+  fewer frames than its header announces yields the frames it can decode and then raises
+  :class:`InputError` ("truncated: decoded 7 of 12 frames"), unless ``tolerate_truncation=True``.
+* **Timestamps.** ``Frame.time`` is seconds since the first decoded frame; ``Frame.pts`` is the
+  source's presentation timestamp in ``VideoSource.time_base`` units (kept by the sink, so the
+  output has the source's timing and the copied audio stays in sync).
+* **Cameras.** ``/dev/videoN`` opens with FFmpeg's ``video4linux2`` input; when PyAV cannot open
+  it (no v4l2 support in the build, an unsupported pixel format) OpenCV's ``VideoCapture`` is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import av
+import numpy as np
+
+from .errors import InputError, StreamError
+
+NETWORK_SCHEMES = frozenset(
+    {"rtsp", "rtsps", "rtmp", "rtmps", "tcp", "udp", "rtp", "srt", "http", "https", "hls", "mms", "mmsh"}
+)
+MP4_AUDIO_COPY = frozenset({"aac", "mp3", "opus", "flac", "alac", "ac3", "eac3", "mp2"})
+DEFAULT_FPS = 25.0
+_CAMERA = re.compile(r"/dev/video\d+")
+
+
+@dataclass
+class Frame:
+    """One decoded frame: ``image`` is ``(H, W, 3)`` ``uint8`` RGB."""
+
+    image: np.ndarray
+    index: int
+    pts: int | None
+    time: float
+
+
+def _first_line(err: BaseException) -> str:
+    text = (getattr(err, "strerror", None) or str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class VideoSource:
+    """An opened PyAV video source; iterate it for :class:`Frame` objects (once).
+
+    The first frame is decoded at open, so an unreadable source fails there and ``width`` /
+    ``height`` are the displayed (rotated) size. Audio packets of the first audio stream are
+    kept (undecoded) for a :class:`VideoSink` that remuxes them.
+    """
+
+    def __init__(self, container: Any, name: str, *, live: bool, tolerate_truncation: bool = False) -> None:
+        self.name = name
+        self.container = container
+        self.is_live = live
+        self.tolerate_truncation = tolerate_truncation
+        if not container.streams.video:
+            container.close()
+            raise InputError(f"{name}: no video stream")
+        self.stream = container.streams.video[0]
+        self.stream.thread_type = "AUTO"
+        self.audio_stream = container.streams.audio[0] if container.streams.audio else None
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        self.fps = float(rate) if rate else DEFAULT_FPS
+        self.time_base: Fraction | None = self.stream.time_base
+        self.frame_count: int | None = None if live else (self.stream.frames or None)
+        self.decoded = 0
+        self._audio: deque[av.Packet] = deque(maxlen=4096)
+        self._first_pts: int | None = None
+        self._frames = self._decode()
+        self._peeked = self._next_or_fail()
+        self.height, self.width = self._peeked.image.shape[:2]
+
+    def _next_or_fail(self) -> Frame:
+        try:
+            return next(self._frames)
+        except StopIteration:
+            self.close()
+            raise InputError(f"{self.name}: no decodable video frames") from None
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._peeked is not None:
+            first, self._peeked = self._peeked, None
+            yield first
+        yield from self._frames
+
+    def _decode(self) -> Iterator[Frame]:
+        streams = [self.stream] + ([self.audio_stream] if self.audio_stream is not None else [])
+        try:
+            for packet in self.container.demux(*streams):
+                if packet.stream.type == "audio":
+                    if packet.dts is not None:
+                        self._audio.append(packet)
+                    continue
+                for frame in packet.decode():
+                    yield self._to_frame(frame)
+        except av.error.ExitError:
+            raise StreamError(f"{self.name}: no data for {self._timeout_s()} s (source stalled)") from None
+        except (av.error.FFmpegError, OSError) as err:
+            if not self.tolerate_truncation:
+                raise InputError(
+                    f"{self.name}: corrupt or truncated after {self.decoded} frames ({_first_line(err)})"
+                ) from None
+        if self.frame_count and self.decoded < self.frame_count and not self.tolerate_truncation:
+            raise InputError(f"{self.name}: truncated: decoded {self.decoded} of {self.frame_count} frames")
+
+    def _timeout_s(self) -> str:
+        timeout = getattr(self.container, "read_timeout", None)
+        return f"{timeout:g}" if isinstance(timeout, (int, float)) else "?"
+
+    def _to_frame(self, frame: av.VideoFrame) -> Frame:
+        image = frame.to_ndarray(format="rgb24")
+        quarter_turns = round(frame.rotation / 90) % 4 if frame.rotation else 0
+        if quarter_turns:
+            image = np.ascontiguousarray(np.rot90(image, k=quarter_turns))
+        pts = frame.pts
+        if pts is not None and self._first_pts is None:
+            self._first_pts = pts
+        if pts is not None and self.time_base is not None:
+            seconds = float((pts - self._first_pts) * self.time_base)
+        else:
+            seconds = self.decoded / self.fps
+        out = Frame(image, self.decoded, pts, seconds)
+        self.decoded += 1
+        return out
+
+    def pop_audio(self, until: float | None = None) -> list[av.Packet]:
+        """Audio packets demuxed so far whose time is ``<= until`` seconds (all when ``None``)."""
+        out = []
+        while self._audio:
+            packet = self._audio[0]
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            if until is not None and float(stamp * packet.time_base) > until:
+                break
+            out.append(self._audio.popleft())
+        return out
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> VideoSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = "live" if self.is_live else f"{self.frame_count or '?'} frames"
+        return f"VideoSource({self.name!r}, {self.width}x{self.height} @ {self.fps:.3g} fps, {kind})"
+
+
+class OpenCVSource(VideoSource):
+    """Camera fallback through ``cv2.VideoCapture`` (no audio, wall-clock timestamps)."""
+
+    def __init__(self, capture: Any, name: str) -> None:
+        import cv2
+
+        self.name = name
+        self.capture = capture
+        self.is_live = True
+        self.tolerate_truncation = True
+        self.stream = None
+        self.audio_stream = None
+        self.fps = float(capture.get(cv2.CAP_PROP_FPS)) or DEFAULT_FPS
+        self.time_base = None
+        self.frame_count = None
+        self.decoded = 0
+        self._audio = deque()
+        self._frames = self._read()
+        self._peeked = self._next_or_fail()
+        self.height, self.width = self._peeked.image.shape[:2]
+
+    def _read(self) -> Iterator[Frame]:
+        import cv2
+
+        start = time.monotonic()
+        while True:
+            ok, bgr = self.capture.read()
+            if not ok:
+                return
+            yield Frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.decoded, None, time.monotonic() - start)
+            self.decoded += 1
+
+    def close(self) -> None:
+        self.capture.release()
+
+
+def _open_av(uri: str, name: str, *, format: str | None, live: bool, timeout: float,
+             tolerate_truncation: bool, options: dict[str, str] | None = None) -> VideoSource:
+    try:
+        container = av.open(uri, format=format, options=options or {}, timeout=timeout if live else None)
+    except av.error.ExitError:
+        raise StreamError(f"{name}: no answer within {timeout:g} s") from None
+    except (av.error.FFmpegError, OSError) as err:
+        raise InputError(f"{name}: cannot open ({_first_line(err)})") from None
+    try:
+        return VideoSource(container, name, live=live, tolerate_truncation=tolerate_truncation)
+    except BaseException:
+        container.close()
+        raise
+
+
+def _open_camera(uri: str, timeout: float) -> VideoSource:
+    try:
+        return _open_av(uri, uri, format="video4linux2", live=True, timeout=timeout, tolerate_truncation=True)
+    except (InputError, StreamError) as av_error:
+        import cv2
+
+        capture = cv2.VideoCapture(uri)
+        if not capture.isOpened():
+            raise InputError(f"{uri}: cannot open camera ({av_error})") from None
+        return OpenCVSource(capture, uri)
+
+
+def open_source(
+    uri: str | os.PathLike[str],
+    *,
+    live: bool | None = None,
+    timeout: float = 10.0,
+    format: str | None = None,
+    tolerate_truncation: bool = False,
+) -> VideoSource:
+    """Open a file, a lavfi graph, a network stream or a camera.
+
+    ``uri`` forms: a path (``clip.mp4``), ``lavfi:testsrc=size=64x48:rate=8:duration=1`` (or the
+    graph with ``format="lavfi"``), a URL (``rtsp://``, ``tcp://``, ``http(s)://``, ``srt://``,
+    ``udp://``; ``live`` defaults to ``True`` for these), or ``/dev/videoN``. ``timeout`` bounds
+    every blocking network read, so a stalled live source raises :class:`StreamError`.
+    """
+    uri = str(uri)
+    if uri.startswith("lavfi:") or format == "lavfi":
+        graph = uri.removeprefix("lavfi:")
+        return _open_av(graph, f"lavfi:{graph}", format="lavfi", live=bool(live), timeout=timeout,
+                        tolerate_truncation=tolerate_truncation)
+    if _CAMERA.fullmatch(uri):
+        return _open_camera(uri, timeout)
+    if urlparse(uri).scheme in NETWORK_SCHEMES:
+        return _open_av(uri, uri, format=format, live=True if live is None else live, timeout=timeout,
+                        tolerate_truncation=tolerate_truncation)
+    path = Path(uri)
+    if not path.is_file():
+        raise InputError(f"video not found: {path}")
+    return _open_av(uri, uri, format=format, live=bool(live), timeout=timeout,
+                    tolerate_truncation=tolerate_truncation)
+
+
+def _partial_name(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+
+
+class VideoSink:
+    """H.264 (libx264, ``yuv420p``) writer with the source's timing, audio remuxed untouched.
+
+    ``time_base`` given: frames keep their source ``pts`` (variable frame rate and dropped live
+    frames keep their true timing); otherwise frame ``n`` is shown at ``n / fps``. Audio from
+    ``audio_from`` is copied packet by packet, interleaved by time; a codec MP4 cannot hold
+    (PCM, Vorbis...) is re-encoded to AAC instead. Odd sizes are padded by one pixel.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        width: int,
+        height: int,
+        fps: float,
+        *,
+        time_base: Fraction | None = None,
+        audio_from: VideoSource | None = None,
+        crf: int = 18,
+        preset: str = "veryfast",
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _partial_name(self.path)
+        self.width, self.height = width + width % 2, height + height % 2
+        self.source = audio_from
+        self.frames = 0
+        self._last_pts = -1
+        rate = Fraction(fps).limit_denominator(1001)
+        mp4 = self.path.suffix.lower() in {".mp4", ".m4v", ".mov"}
+        try:
+            self.container = av.open(str(self.tmp), "w", container_options={"movflags": "+faststart"} if mp4 else {})
+        except (av.error.FFmpegError, OSError) as err:
+            raise InputError(f"{self.path}: cannot write ({_first_line(err)})") from None
+        self.video = self.container.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": preset})
+        self.video.width, self.video.height, self.video.pix_fmt = self.width, self.height, "yuv420p"
+        self.time_base = time_base or 1 / rate
+        self.video.codec_context.time_base = self.time_base
+        self.audio, self._transcode = self._add_audio(audio_from, mp4)
+
+    def _add_audio(self, source: VideoSource | None, mp4: bool) -> tuple[Any, bool]:
+        template = source.audio_stream if source is not None else None
+        if template is None:
+            return None, False
+        if mp4 and template.codec_context.name not in MP4_AUDIO_COPY:
+            rate = template.codec_context.sample_rate or 48000
+            return self.container.add_stream("aac", rate=rate), True
+        return self.container.add_stream_from_template(template), False
+
+    def write(self, image: np.ndarray, pts: int | None = None) -> None:
+        """Encode one ``(H, W, 3)`` ``uint8`` RGB image; ``pts`` in ``time_base`` units."""
+        if image.shape[0] != self.height or image.shape[1] != self.width:
+            image = _pad_to(image, self.height, self.width)
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        pts = self.frames if pts is None else pts
+        frame.pts = self._last_pts = max(pts, self._last_pts + 1)
+        frame.time_base = self.time_base
+        self._mux_audio(until=float(frame.pts * self.time_base))
+        self.container.mux(self.video.encode(frame))
+        self.frames += 1
+
+    def _mux_audio(self, until: float | None) -> None:
+        if self.audio is None:
+            return
+        for packet in self.source.pop_audio(until):
+            if self._transcode:
+                for frame in packet.decode():
+                    frame.pts = None
+                    self.container.mux(self.audio.encode(frame))
+            else:
+                packet.stream = self.audio
+                self.container.mux(packet)
+
+    def close(self) -> None:
+        """Flush the encoder, finish the container and move it to its final name."""
+        try:
+            self.container.mux(self.video.encode())
+            self._mux_audio(until=None)
+            if self._transcode:
+                self.container.mux(self.audio.encode())
+            self.container.close()
+        except BaseException:
+            self.abort()
+            raise
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Discard everything written; nothing appears under the final name."""
+        try:
+            self.container.close()
+        except (av.error.FFmpegError, OSError):
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> VideoSink:
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.abort() if exc_type is not None else self.close()
+
+
+def _pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Repeat the last row/column of ``(h, w, 3)`` up to ``(height, width, 3)``."""
+    h, w = image.shape[:2]
+    return np.pad(image, ((0, height - h), (0, width - w), (0, 0)), mode="edge")
+
+
+class JsonlSink:
+    """One JSON record per line, flushed per record, renamed into place on :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _partial_name(self.path)
+        self.records = 0
+        self._file = open(self.tmp, "w", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self.records += 1
+
+    def close(self) -> None:
+        self._file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> JsonlSink:
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.abort() if exc_type is not None else self.close()
+
+
+__all__ = ["Frame", "VideoSource", "OpenCVSource", "open_source", "VideoSink", "JsonlSink", "NETWORK_SCHEMES"]

@@ -1,0 +1,186 @@
+"""``streamguard sanitize`` / ``watch`` end to end: outputs, one-line errors, kill safety, live streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from torch import nn
+from typer.testing import CliRunner
+
+from streamguard.cli import app
+from streamguard.detector import PatchZero, PSPNet, save_defense
+from streamguard.io import open_source
+from streamguard.models import build_model, save_model
+from test_io import audio_packets, free_port, make_video, pattern, read_index
+
+runner = CliRunner()
+
+
+def detector_checkpoint(path: Path, bias: float) -> Path:
+    """A tiny untrained PatchZero whose mask is forced to everything (bias > 0) or nothing."""
+    detector = PSPNet("mobilenet_v3", aux=False, width=0.25)
+    nn.init.constant_(detector.head[-1].bias, bias)
+    save_defense(PatchZero(detector, mean=(0.5, 0.5, 0.5), dilate=1), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    model = build_model("tiny3d", num_classes=3, widths=(4, 4, 4, 4), clip_len=4, size=16)
+    save_model(model, root / "model.pt")
+    return {"none": detector_checkpoint(root / "none.pt", -30.0), "all": detector_checkpoint(root / "all.pt", 30.0),
+            "model": root / "model.pt"}
+
+
+def one_error_line(result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_sanitize_round_trip_keeps_frames_order_size_fps_audio(tmp_path: Path, ckpts: dict[str, Path]) -> None:
+    src = make_video(tmp_path / "in.mp4", frames=16, fps=12)
+    out, preds = tmp_path / "out.mp4", tmp_path / "p.jsonl"
+    result = runner.invoke(app, ["sanitize", str(src), "-o", str(out), "--detector", str(ckpts["none"]),
+                                 "--model", str(ckpts["model"]), "--predictions", str(preds), "--stride", "4"])
+    assert result.exit_code == 0, result.output
+    assert "frames with patches" in result.output and "16" in result.output
+    with open_source(out) as res:
+        assert (res.width, res.height, res.fps, res.frame_count) == (64, 48, 12.0, 16)
+        assert [read_index(f.image) for f in res] == list(range(16))
+    assert audio_packets(out) == audio_packets(src)
+    records = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [(r["start_frame"], r["end_frame"]) for r in records] == [(0, 3), (4, 7), (8, 11), (12, 15)]
+
+
+def test_sanitize_threshold_and_overlay(tmp_path: Path, ckpts: dict[str, Path]) -> None:
+    src = make_video(tmp_path / "in.mp4", frames=8, audio=False)
+    out, ov = tmp_path / "out.mp4", tmp_path / "ov.mp4"
+    result = runner.invoke(app, ["sanitize", str(src), "-o", str(out), "--detector", str(ckpts["all"]),
+                                 "--overlay", str(ov), "--clip-len", "4", "--dilate", "0", "--threshold", "0.9"])
+    assert result.exit_code == 0, result.output
+    with open_source(out) as res:
+        assert all(np.abs(f.image.astype(float) - 128).max() <= 2 for f in res)
+    with open_source(ov) as res:
+        first = next(iter(res)).image
+    assert first.shape == (48, 192, 3) and read_index(first[:, :64]) == 0
+
+
+def test_corrupt_truncated_and_missing_inputs_give_one_line(tmp_path: Path, ckpts: dict[str, Path]) -> None:
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 8192, dtype=np.uint8).tobytes())
+    full = make_video(tmp_path / "full.mp4", frames=16, audio=False, faststart=True,
+                      image_fn=lambda i, h, w: np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    det = ["--detector", str(ckpts["none"])]
+    out = str(tmp_path / "out.mp4")
+    one_error_line(runner.invoke(app, ["sanitize", str(corrupt), "-o", out, *det]), 3, "corrupt.mp4")
+    one_error_line(runner.invoke(app, ["sanitize", str(cut), "-o", out, *det]), 3, "cut.mp4", "truncated")
+    one_error_line(runner.invoke(app, ["sanitize", str(tmp_path / "nope.mp4"), "-o", out, *det]), 3, "nope.mp4")
+    one_error_line(runner.invoke(app, ["sanitize", str(full), "-o", out, "--detector", "nope.pt"]), 4, "nope.pt")
+    one_error_line(runner.invoke(app, ["sanitize", str(full), "-o", out, *det, "--predictions", "p.jsonl"]), 2)
+    assert not Path(out).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.mp4", "cut.mp4", "full.mp4"]
+
+
+def start_sanitize(out: Path, detector: Path) -> subprocess.Popen:
+    """``streamguard sanitize`` on a long generated clip, in a subprocess, once it is writing."""
+    cmd = [sys.executable, "-c", "from streamguard.cli import main; main()", "sanitize",
+           "lavfi:testsrc=size=96x64:rate=25:duration=60", "-o", str(out), "--detector", str(detector)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 30
+    while not list(out.parent.glob(f".{out.stem}.*.partial.mp4")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"sanitize did not start writing: {proc.stderr.read().decode()}")
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return proc
+
+
+@pytest.mark.slow
+def test_sigkill_during_sanitize_leaves_no_output(tmp_path: Path, ckpts: dict[str, Path]) -> None:
+    out = tmp_path / "out.mp4"
+    proc = start_sanitize(out, ckpts["none"])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_sanitize_keeps_a_playable_output(tmp_path: Path, ckpts: dict[str, Path]) -> None:
+    out = tmp_path / "out.mp4"
+    proc = start_sanitize(out, ckpts["none"])
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in stderr.decode()
+    with open_source(out) as res:
+        assert 1 <= len(list(res)) < 1500
+    assert list(tmp_path.glob(".*partial*")) == []
+
+
+PUSHER = """
+import sys, time, av
+sys.path.insert(0, sys.argv[2])
+from test_io import pattern
+url, fps = f"tcp://127.0.0.1:{sys.argv[1]}", 25
+while True:  # until the watcher listens
+    try:
+        container = av.open(url, "w", format="mpegts")
+        break
+    except OSError:
+        time.sleep(0.02)
+video = container.add_stream("libx264", rate=fps, options={"tune": "zerolatency", "preset": "ultrafast"})
+video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+for i in range(fps * 20):
+    frame = av.VideoFrame.from_ndarray(pattern(i % 16), format="rgb24")
+    frame.pts = i
+    container.mux(video.encode(frame))
+    time.sleep(1 / fps)
+"""
+
+
+def test_watch_consumes_a_live_loopback_stream(tmp_path: Path, ckpts: dict[str, Path]) -> None:
+    """A real-time MPEG-TS stream from another process (PyAV's open holds the GIL while it listens)."""
+    port = free_port()
+    pusher = subprocess.Popen([sys.executable, "-c", PUSHER, str(port), str(Path(__file__).parent)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "live.mp4"
+    try:
+        tic = time.monotonic()
+        result = runner.invoke(app, ["watch", f"tcp://127.0.0.1:{port}?listen=1", "--duration", "1.5",
+                                     "--output", str(out), "--detector", str(ckpts["none"]), "--timeout", "10"])
+        elapsed = time.monotonic() - tic
+    finally:
+        pusher.kill()
+        pusher.wait()
+    assert result.exit_code == 0, result.output
+    assert elapsed < 8
+    assert "streamguard watch" in result.output and "dropped" in result.output
+    with open_source(out) as res:
+        frames = [read_index(f.image) for f in res]
+    assert 5 <= len(frames) <= 60
+    assert all((b - a) % 16 >= 1 for a, b in zip(frames, frames[1:]))  # in order; drops allowed
+
+
+def test_watch_stalled_source_times_out(tmp_path: Path, ckpts: dict[str, Path]) -> None:
+    port = free_port()
+    tic = time.monotonic()
+    result = runner.invoke(app, ["watch", f"tcp://127.0.0.1:{port}?listen=1", "--timeout", "0.5",
+                                 "--detector", str(ckpts["none"])])
+    one_error_line(result, 5, "no answer within 0.5 s")
+    assert time.monotonic() - tic < 4
