@@ -249,16 +249,21 @@ def watch(
     model: ModelOpt = None,
     detector: DetectorOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Give up on a stalled source after this many seconds.")] = 10.0,
+    reconnect: Annotated[int, typer.Option("--reconnect", min=0, help="Reopen a stalled, dropped or ended source up to N times in a row (backoff 0.25 s, doubling).")] = 0,
     predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Sanitize a live stream (newest frames win; Ctrl-C stops and keeps what was recorded)."""
-    from .io import open_source
+    from .io import ReconnectingSource, open_source
     from .pipeline import Pipeline
 
     net = _load_model(model, None, device)
     defense = _load_defense(detector, None, net)
-    with open_source(source, live=True, timeout=timeout) as src:
+    if reconnect:
+        src = ReconnectingSource(source, attempts=reconnect, timeout=timeout)
+    else:
+        src = open_source(source, live=True, timeout=timeout)
+    with src:
         pipeline = Pipeline(src, defense, net, output=output, predictions=predictions, duration=duration,
                             batch=1, device=_device(device))
         with _status_line(f"watch {source}") as on_progress:
@@ -266,7 +271,11 @@ def watch(
                 summary = pipeline.run(on_progress=on_progress)
             except KeyboardInterrupt:
                 summary = pipeline.summary()
-    out.print(_summary_table("streamguard watch", _summary_rows(summary)))
+            finally:
+                for event in getattr(src, "events", []):
+                    err.print(f"[yellow]warning:[/] {escape(event)}")
+    rows = _summary_rows(summary) | ({"reconnects": src.reconnects} if reconnect else {})
+    out.print(_summary_table("streamguard watch", rows))
 
 
 @app.command("models")
@@ -427,14 +436,19 @@ def _command_line() -> str:
 @train_app.command("classifier")
 def train_classifier_command(
     recipe: TrainRecipeArg, resume: ResumeOpt = False, steps: StepsOpt = None, output: TrainOutputOpt = None,
+    synth_train_videos: Annotated[int | None, typer.Option("--synth-train-videos", min=2,
+        help="Train on a separate SynthMotion tree with this many videos per class.")] = None,
     device: TrainDeviceOpt = None,
 ) -> None:  # fmt: skip
     """Train the recipe's downstream classifier (benchmark only; PatchZero never retrains it)."""
     from .training import train_classifier
 
-    rec = _train_recipe(recipe, steps, output)
+    rec = _train_recipe(recipe, None, output)
+    if steps is not None:
+        rec.train.classifier.steps = steps
     with _train_progress(f"train classifier {rec.model.name}") as on_progress:
-        result = train_classifier(rec, on_progress=on_progress, resume=resume, command=_command_line(), device=device)
+        result = train_classifier(rec, on_progress=on_progress, resume=resume, synth_train_videos=synth_train_videos,
+                                  command=_command_line(), device=device)  # fmt: skip
     _print_result("streamguard train classifier", result)
 
 
@@ -454,6 +468,7 @@ def train_detector_command(
     recipe: TrainRecipeArg,
     stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: cached DO attacks; 2: online BPDA attacks.")] = 1,
     init: Annotated[Path | None, typer.Option("--init", help="Stage 2's start (default: the run's detector-stage1.pt).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Downstream model to attack (overrides model.weights).")] = None,
     resume: ResumeOpt = False,
     steps: StepsOpt = None,
     output: TrainOutputOpt = None,
@@ -463,6 +478,8 @@ def train_detector_command(
     from .training import build_attack_cache, train_detector_stage1, train_detector_stage2
 
     rec = _train_recipe(recipe, steps, output)
+    if model is not None:
+        rec.model.weights = model
     if stage == 1:
         with _train_progress("attack cache") as on_progress:
             build_attack_cache(rec, on_progress=on_progress, device=device)
@@ -571,7 +588,7 @@ def attack_command(
 def demo_command(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's videos, PNG strip and result.json.")] = Path("demo"),
     seed: Annotated[int, typer.Option(help="Seed of the video, the patch location and the attack.")] = 0,
-    video_class: Annotated[int, typer.Option("--class", help="SynthMotion class index of the demo video (0-11).")] = 1,
+    video_class: Annotated[int, typer.Option("--class", help="SynthMotion class of the first clip (0-11); the next clip shows the next class.")] = 1,
     area: Annotated[float, typer.Option(help="Patch area as a fraction of the frame.")] = 0.10,
     iters: Annotated[int, typer.Option(help="Masked PGD iterations (paper: 20).")] = 20,
     device: Annotated[str, typer.Option(help="torch device (cpu, cuda...).")] = "cpu",
@@ -582,11 +599,11 @@ def demo_command(
     with _count_progress("demo: attacking clips (Masked PGD, BPDA)", 0) as on_progress:
         result = run_demo(out_dir, seed=seed, video_class=video_class, area=area, iters=iters,
                           device=str(_device(device)), on_progress=on_progress)  # fmt: skip
-    table = Table(title=f"streamguard demo: {result.video_class} video, {area:.0%} patch, MPGD-BPDA eps 1.0 step 0.2 x{iters}, seed {seed}",
+    table = Table(title=f"streamguard demo: {result.video_class}, {area:.0%} patch, MPGD-BPDA eps 1.0 step 0.2 x{iters}, seed {seed}",
                   title_justify="left")  # fmt: skip
-    for column in ("clip", "clean", "attacked (no defense)", "attacked + PatchZero"):
+    for column in ("clip", "true class", "clean", "attacked (no defense)", "attacked + PatchZero"):
         table.add_column(column)
-    for i, row in enumerate(zip(result.clean, result.attacked, result.defended)):
+    for i, row in enumerate(zip(result.truth, result.clean, result.attacked, result.defended)):
         table.add_row(str(i), *map(escape, row))
     out.print(table)
     out.print(_summary_table("PatchZero on the attacked video", {

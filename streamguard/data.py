@@ -397,9 +397,9 @@ def _linear_path(
     rng: np.random.Generator, lo: float, hi: float, frames: int, direction: np.ndarray, size: int
 ) -> np.ndarray:
     """Straight path at constant speed along ``direction`` that stays in [lo, hi]^2."""
-    speed = rng.uniform(1.0, 2.0) * size / 112
+    speed = rng.uniform(2.0, 4.0) * size / 112
     extent = np.abs(direction).max()
-    speed = min(speed, (hi - lo) / max(frames - 1, 1) / extent)
+    speed = min(speed, 0.999 * (hi - lo) / max(frames - 1, 1) / extent)
     travel = direction * speed * (frames - 1)
     start = np.array([rng.uniform(lo + max(-d, 0), hi - max(d, 0)) for d in travel])
     return start + np.outer(np.arange(frames), direction * speed)
@@ -528,7 +528,7 @@ def render_video(
     """
     rng = np.random.default_rng(seed)
     name = SYNTH_CLASSES[class_index]
-    side = int(rng.uniform(0.2, 0.32) * size)
+    side = int(rng.uniform(0.26, 0.36) * size)
     texture, alpha = _texture(rng, side), _shape_alpha(rng, side)
     sprite = np.dstack([texture * alpha[..., None], alpha])  # premultiplied RGBA
     track = _track(name, rng, frames, size, radius=side / math.sqrt(2))

@@ -1,6 +1,6 @@
 """The README's first command: a real adaptive patch attack on a real video, removed by PatchZero.
 
-1. render a SynthMotion benchmark video (seeded),
+1. render a short SynthMotion benchmark video (seeded; ``clips`` motions one after the other),
 2. patch it with Masked PGD in BPDA mode against the shipped clip classifier *behind* the shipped
    PatchZero detector (the adaptive attacker knows the defense),
 3. sanitize the attacked video with PatchZero,
@@ -33,12 +33,12 @@ from .pipeline import overlay
 @dataclass
 class DemoResult:
     video_class: str
+    truth: list[str]
     seed: int
     area: float
     clean: list[str]
     attacked: list[str]
     defended: list[str]
-    undefended_clean: list[str]
     pixel_precision: float
     pixel_recall: float
     pixel_f1: float
@@ -57,7 +57,7 @@ def _write_video(path: Path, frames: np.ndarray, fps: float = 12.0) -> None:
             sink.write(frame)
 
 
-def _strip(rows: list[np.ndarray], path: Path, scale: int = 2) -> None:
+def _strip(rows: list[np.ndarray], path: Path, scale: int) -> None:
     """PNG of the given overlay panels stacked vertically, upscaled for viewing."""
     image = np.concatenate(rows, axis=0)
     image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
@@ -75,7 +75,7 @@ def run_demo(
     video_class: int = 1,
     area: float = 0.10,
     iters: int = 20,
-    frames: int = 32,
+    clips: int = 2,
     classifier: str = DEFAULT_CLASSIFIER,
     detector: str = DEFAULT_DETECTOR,
     device: str = "cpu",
@@ -86,14 +86,14 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     model: nn.Module = load_model(classifier).to(device)
     defense = load_defense(detector, mean=list(model.spec.mean)).to(device)
-    size = model.spec.input_size[0]
-    video, _, _ = render_video(video_class, seed, size=size, frames=frames)
+    size, t = model.spec.input_size[0], model.spec.clip_len
+    classes = [(video_class + k) % len(SYNTH_CLASSES) for k in range(clips)]
+    video = np.concatenate([render_video(c, seed + k, size=size, frames=t)[0] for k, c in enumerate(classes)])
 
     attack = MaskedAttack(model, "pgd", "bpda", defense=defense, eps=1.0, step=0.2, iters=iters, seed=seed, device=device)
     result = attack_video(video, attack, area=area, seed=seed, defense=defense, on_progress=on_progress)
     adv = torch.from_numpy(result.frames).permute(3, 0, 1, 2)[None].to(device)  # (1, 3, F, H, W)
     defense.reset()
-    t = model.spec.clip_len
     clean_chunks, mask_chunks = [], []
     for start in range(0, adv.shape[2], t):
         cleaned, mask = defense.sanitize(adv[:, :, start : start + t])
@@ -101,7 +101,7 @@ def run_demo(
         mask_chunks.append(mask)
     sanitized = torch.cat(clean_chunks, 2)[0].permute(1, 2, 3, 0).cpu().numpy()  # (F, H, W, 3)
     detected = torch.cat(mask_chunks, 2)[0, 0].cpu().numpy() > 0.5  # (F, H, W)
-    counts = PixelCounts.from_masks(detected, result.mask > 0.5)
+    counts = PixelCounts.from_masks(torch.from_numpy(detected), torch.from_numpy(result.mask > 0.5))
 
     attacked_u8, sanitized_u8 = _to_uint8(result.frames), _to_uint8(sanitized)
     panels = np.stack([overlay(a, m, s) for a, m, s in zip(attacked_u8, detected, sanitized_u8)])
@@ -117,17 +117,17 @@ def run_demo(
     _write_video(files["attacked"], attacked_u8)
     _write_video(files["sanitized"], sanitized_u8)
     _write_video(files["overlay"], panels)
-    _strip([panels[i] for i in np.linspace(0, len(panels) - 1, 4).astype(int)], files["strip"])
+    _strip([panels[i] for i in np.linspace(0, len(panels) - 1, 4).astype(int)], files["strip"], scale=max(1, 224 // size))
 
     names = model.spec.class_names or tuple(SYNTH_CLASSES)
     demo = DemoResult(
-        video_class=SYNTH_CLASSES[video_class],
+        video_class=" then ".join(SYNTH_CLASSES[c] for c in classes),
+        truth=[SYNTH_CLASSES[c] for c in classes],
         seed=seed,
         area=area,
         clean=[names[i] for i in result.clean],
         attacked=[names[i] for i in result.attacked],
         defended=[names[i] for i in (result.defended or [])],
-        undefended_clean=[],
         pixel_precision=counts.precision,
         pixel_recall=counts.recall,
         pixel_f1=counts.f1,

@@ -478,3 +478,31 @@ def load_defense(ref: str | os.PathLike[str] | Weights, **overrides: Any) -> Pat
     load_state_dict_checked(detector, state_dict, f"checkpoint {weights.path} (saved: {stored}; built: {built})")
     defense = PatchZero(detector, **{k: meta[k] for k in _DEFENSE_KEYS if k in meta})
     return defense.eval()
+
+
+def art_preprocessor(defense: PatchZero, bpda: bool = True, apply_fit: bool = False) -> Any:
+    """PatchZero as an ART preprocessing defence, to put in front of any ART estimator.
+
+    ``PyTorchClassifier(..., preprocessing_defences=[art_preprocessor(defense)])`` sanitizes every
+    input the estimator sees; with ``bpda=True`` ART's gradients flow through the defense's
+    straight-through mask (hard threshold forward, sigmoid backward), so ART attacks on that
+    estimator are adaptive BPDA attacks.
+    """
+    from art.defences.preprocessor.preprocessor import PreprocessorPyTorch
+
+    class PatchZeroPreprocessor(PreprocessorPyTorch):
+        def __init__(self) -> None:
+            device = next(iter(defense.parameters()), torch.empty(0)).device
+            super().__init__(device_type="gpu" if device.type == "cuda" else "cpu", is_fitted=True,
+                             apply_fit=apply_fit, apply_predict=True)  # fmt: skip
+            self.defense = defense
+
+        def forward(self, x: Tensor, y: Any = None) -> tuple[Tensor, Any]:
+            previous = self.defense.bpda
+            self.defense.bpda = bpda
+            try:
+                return self.defense(x), y
+            finally:
+                self.defense.bpda = previous
+
+    return PatchZeroPreprocessor()

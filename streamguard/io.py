@@ -16,6 +16,12 @@ Decisions worth knowing:
 * **Timestamps.** ``Frame.time`` is seconds since the first decoded frame; ``Frame.pts`` is the
   source's presentation timestamp in ``VideoSource.time_base`` units (kept by the sink, so the
   output has the source's timing and the copied audio stays in sync).
+* **Huge frames.** A stream whose header announces more than ``max_pixels`` (8K UHD by default)
+  per frame is refused at open, from the stream header, before any frame is converted or queued.
+* **Resolution changes.** Frames are scaled to the first frame's size, so a stream that changes
+  resolution mid-way keeps one size (as sinks and clips need).
+* **Live failures.** A read error on a live source is a :class:`StreamError` (as a stall is);
+  :class:`ReconnectingSource` reopens the source instead, with backoff.
 * **Cameras.** ``/dev/videoN`` opens with FFmpeg's ``video4linux2`` input; when PyAV cannot open
   it (no v4l2 support in the build, an unsupported pixel format) OpenCV's ``VideoCapture`` is used.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -44,6 +51,7 @@ NETWORK_SCHEMES = frozenset(
 )
 MP4_AUDIO_COPY = frozenset({"aac", "mp3", "opus", "flac", "alac", "ac3", "eac3", "mp2"})
 DEFAULT_FPS = 25.0
+MAX_PIXELS = 7680 * 4320
 _CAMERA = re.compile(r"/dev/video\d+")
 
 
@@ -70,7 +78,9 @@ class VideoSource:
     kept (undecoded) for a :class:`VideoSink` that remuxes them.
     """
 
-    def __init__(self, container: Any, name: str, *, live: bool, tolerate_truncation: bool = False) -> None:
+    def __init__(
+        self, container: Any, name: str, *, live: bool, tolerate_truncation: bool = False, max_pixels: int = MAX_PIXELS
+    ) -> None:
         self.name = name
         self.container = container
         self.is_live = live
@@ -79,6 +89,13 @@ class VideoSource:
             container.close()
             raise InputError(f"{name}: no video stream")
         self.stream = container.streams.video[0]
+        width, height = self.stream.codec_context.width, self.stream.codec_context.height
+        if width * height > max_pixels:
+            container.close()
+            raise InputError(
+                f"{name}: {width}x{height} frames ({width * height / 1e6:.1f} Mpixels) exceed the "
+                f"{max_pixels / 1e6:.1f} Mpixel limit"
+            )
         self.stream.thread_type = "AUTO"
         self.audio_stream = container.streams.audio[0] if container.streams.audio else None
         rate = self.stream.average_rate or self.stream.guessed_rate
@@ -88,6 +105,7 @@ class VideoSource:
         self.decoded = 0
         self._audio: deque[av.Packet] = deque(maxlen=4096)
         self._first_pts: int | None = None
+        self._size: tuple[int, int] | None = None
         self._frames = self._decode()
         self._peeked = self._next_or_fail()
         self.height, self.width = self._peeked.image.shape[:2]
@@ -118,6 +136,8 @@ class VideoSource:
         except av.error.ExitError:
             raise StreamError(f"{self.name}: no data for {self._timeout_s()} s (source stalled)") from None
         except (av.error.FFmpegError, OSError) as err:
+            if self.is_live and not self.tolerate_truncation:
+                raise StreamError(f"{self.name}: connection lost after {self.decoded} frames ({_first_line(err)})") from None
             if not self.tolerate_truncation:
                 raise InputError(
                     f"{self.name}: corrupt or truncated after {self.decoded} frames ({_first_line(err)})"
@@ -130,8 +150,11 @@ class VideoSource:
         return f"{timeout:g}" if isinstance(timeout, (int, float)) else "?"
 
     def _to_frame(self, frame: av.VideoFrame) -> Frame:
-        image = frame.to_ndarray(format="rgb24")
         quarter_turns = round(frame.rotation / 90) % 4 if frame.rotation else 0
+        if self._size is None:
+            self._size = (frame.width, frame.height)
+        width, height = self._size
+        image = frame.to_ndarray(format="rgb24", width=width, height=height)
         if quarter_turns:
             image = np.ascontiguousarray(np.rot90(image, k=quarter_turns))
         pts = frame.pts
@@ -157,6 +180,11 @@ class VideoSource:
         return out
 
     def close(self) -> None:
+        """Close the container, unless a reader thread is blocked inside it (a stalled live read):
+        freeing it under that thread would crash; it is released when that thread finishes."""
+        frames = getattr(self, "_frames", None)
+        if frames is not None and getattr(frames, "gi_running", False):
+            return
         self.container.close()
 
     def __enter__(self) -> VideoSource:
@@ -207,7 +235,8 @@ class OpenCVSource(VideoSource):
 
 
 def _open_av(uri: str, name: str, *, format: str | None, live: bool, timeout: float,
-             tolerate_truncation: bool, options: dict[str, str] | None = None) -> VideoSource:
+             tolerate_truncation: bool, options: dict[str, str] | None = None,
+             max_pixels: int = MAX_PIXELS) -> VideoSource:
     try:
         container = av.open(uri, format=format, options=options or {}, timeout=timeout if live else None)
     except av.error.ExitError:
@@ -215,7 +244,7 @@ def _open_av(uri: str, name: str, *, format: str | None, live: bool, timeout: fl
     except (av.error.FFmpegError, OSError) as err:
         raise InputError(f"{name}: cannot open ({_first_line(err)})") from None
     try:
-        return VideoSource(container, name, live=live, tolerate_truncation=tolerate_truncation)
+        return VideoSource(container, name, live=live, tolerate_truncation=tolerate_truncation, max_pixels=max_pixels)
     except BaseException:
         container.close()
         raise
@@ -240,29 +269,127 @@ def open_source(
     timeout: float = 10.0,
     format: str | None = None,
     tolerate_truncation: bool = False,
+    max_pixels: int = MAX_PIXELS,
 ) -> VideoSource:
     """Open a file, a lavfi graph, a network stream or a camera.
 
     ``uri`` forms: a path (``clip.mp4``), ``lavfi:testsrc=size=64x48:rate=8:duration=1`` (or the
     graph with ``format="lavfi"``), a URL (``rtsp://``, ``tcp://``, ``http(s)://``, ``srt://``,
     ``udp://``; ``live`` defaults to ``True`` for these), or ``/dev/videoN``. ``timeout`` bounds
-    every blocking network read, so a stalled live source raises :class:`StreamError`.
+    every blocking network read, so a stalled live source raises :class:`StreamError`. A stream
+    whose frames have more than ``max_pixels`` pixels is refused (:class:`InputError`).
     """
     uri = str(uri)
     if uri.startswith("lavfi:") or format == "lavfi":
         graph = uri.removeprefix("lavfi:")
         return _open_av(graph, f"lavfi:{graph}", format="lavfi", live=bool(live), timeout=timeout,
-                        tolerate_truncation=tolerate_truncation)
+                        tolerate_truncation=tolerate_truncation, max_pixels=max_pixels)
     if _CAMERA.fullmatch(uri):
         return _open_camera(uri, timeout)
     if urlparse(uri).scheme in NETWORK_SCHEMES:
         return _open_av(uri, uri, format=format, live=True if live is None else live, timeout=timeout,
-                        tolerate_truncation=tolerate_truncation)
+                        tolerate_truncation=tolerate_truncation, max_pixels=max_pixels)
     path = Path(uri)
     if not path.is_file():
         raise InputError(f"video not found: {path}")
     return _open_av(uri, uri, format=format, live=bool(live), timeout=timeout,
-                    tolerate_truncation=tolerate_truncation)
+                    tolerate_truncation=tolerate_truncation, max_pixels=max_pixels)
+
+
+class ReconnectingSource:
+    """A live source that reopens ``uri`` when it stalls, drops, sends garbage or ends.
+
+    Up to ``attempts`` tries in a row (the count restarts once frames flow again), waiting
+    ``backoff * 2**k`` seconds (at most 8) before try ``k``; :class:`StreamError` when they run out.
+    The frames form one stream: indices continue, ``pts`` continue on the first connection's time
+    base (the outage is not kept as a gap), and every image has the first connection's size
+    (resized if a reconnect brings another). ``events`` lists what happened, one line each.
+    Audio is not carried (``audio_stream`` is ``None``).
+    """
+
+    MAX_BACKOFF = 8.0
+
+    def __init__(self, uri: str, *, attempts: int, timeout: float = 10.0, backoff: float = 0.25) -> None:
+        self.uri, self.name = uri, uri
+        self.attempts, self.timeout, self.backoff = attempts, timeout, backoff
+        self.is_live = True
+        self.frame_count = None
+        self.audio_stream = None
+        self.events: list[str] = []
+        self.reconnects = 0
+        self.decoded = 0
+        self._closed = threading.Event()
+        self._current: VideoSource | None = None
+        self._current = self._open("first connection", first=True)
+        first = self._current
+        self.width, self.height, self.fps = first.width, first.height, first.fps
+        self.time_base = first.time_base or Fraction(1, 90000)
+        self._step = max(1, round(1 / (self.fps * self.time_base)))  # one frame interval in time_base units
+        self._next_pts = 0
+
+    def _open(self, reason: str, first: bool = False) -> VideoSource:
+        for attempt in range(0 if first else 1, self.attempts + 1):
+            if attempt:
+                delay = min(self.backoff * 2 ** (attempt - 1), self.MAX_BACKOFF)
+                self.events.append(f"{self.uri}: {reason}; reconnecting in {delay:g} s ({attempt}/{self.attempts})")
+                if self._closed.wait(delay):
+                    break
+            try:
+                source = open_source(self.uri, live=True, timeout=self.timeout)
+            except (InputError, StreamError) as err:
+                reason = str(err).removeprefix(f"{self.uri}: ")
+                continue
+            self.reconnects += attempt > 0
+            return source
+        raise StreamError(f"{self.uri}: {reason}; gave up after {self.attempts} reconnect attempt(s)")
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            try:
+                yield from self._frames_of(self._current)
+                reason = "the stream ended"
+            except (InputError, StreamError) as err:
+                reason = str(err).removeprefix(f"{self.uri}: ")
+            if self._closed.is_set():
+                return
+            self._current.close()
+            self._current = self._open(reason)
+
+    def _frames_of(self, source: VideoSource) -> Iterator[Frame]:
+        """``source``'s frames re-timed onto this stream's time line and resized to its size."""
+        base: int | None = None
+        for frame in source:
+            pts = frame.pts if frame.pts is not None and source.time_base else frame.index * self._step
+            if source.time_base and source.time_base != self.time_base:
+                pts = round(pts * source.time_base / self.time_base)
+            if base is None:
+                base = self._next_pts - pts
+            out_pts = max(pts + base, self._next_pts)
+            image = frame.image
+            if image.shape[:2] != (self.height, self.width):
+                import cv2
+
+                image = cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_AREA)
+            yield Frame(image, self.decoded, out_pts, float(out_pts * self.time_base))
+            self.decoded += 1
+            self._next_pts = out_pts + self._step
+
+    def pop_audio(self, until: float | None = None) -> list[av.Packet]:
+        return []
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._current is not None:
+            self._current.close()
+
+    def __enter__(self) -> ReconnectingSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ReconnectingSource({self.uri!r}, {self.width}x{self.height} @ {self.fps:.3g} fps, {self.reconnects} reconnects)"
 
 
 def _partial_name(path: Path) -> Path:
@@ -406,4 +533,4 @@ class JsonlSink:
         self.abort() if exc_type is not None else self.close()
 
 
-__all__ = ["Frame", "VideoSource", "OpenCVSource", "open_source", "VideoSink", "JsonlSink", "NETWORK_SCHEMES"]
+__all__ = ["Frame", "VideoSource", "OpenCVSource", "ReconnectingSource", "open_source", "VideoSink", "JsonlSink", "NETWORK_SCHEMES"]

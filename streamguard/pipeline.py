@@ -12,8 +12,9 @@ model and the encoder overlap. Two modes:
 An exception in any stage stops every thread and is re-raised in the caller with the stage's
 name (``err.stage``; a :class:`StreamGuardError`'s message is prefixed with ``[stage]``).
 ``KeyboardInterrupt`` stops the threads too, but the outputs are *finalized and kept* under their
-final names (as ffmpeg does): the part written so far is a playable MP4. A process killed outright
-(SIGKILL) never leaves a file under the final name (see :mod:`streamguard.io`).
+final names (as ffmpeg does): the part written so far is a playable MP4. So are a live run's
+outputs when it fails (a stream that stalls or drops): the error is raised after they are closed.
+A process killed outright (SIGKILL) never leaves a file under the final name (see :mod:`streamguard.io`).
 """
 
 from __future__ import annotations
@@ -173,12 +174,13 @@ class Pipeline:
         except KeyboardInterrupt:
             interrupted = True
         self._stop.set()
-        for thread in threads:  # a live decoder may sit in a network read: bounded wait
-            thread.join(timeout=5.0 if self.live and thread is threads[0] else None)
+        for thread in threads:  # a live decoder may sit in a network read: bounded wait, then leave it
+            thread.join(timeout=1.0 if self.live and thread is threads[0] else None)
         self._wall = time.monotonic() - self._start
         if self._error is not None:
+            keep = self.live and self.written > 0 and self._error[0] != "write"
             for sink in sinks.values():
-                sink.abort()
+                sink.close() if keep else sink.abort()
             raise self._stage_error()
         for sink in sinks.values():
             sink.close()

@@ -91,6 +91,16 @@ class EvaluateSection:
 
 
 @dataclass
+class ClassifierTrainSection:
+    """The benchmark's downstream classifier (PatchZero itself never retrains the protected model)."""
+
+    steps: int = 1500
+    batch: int = 16
+    lr: float = 3e-3
+    shift: int = 4
+
+
+@dataclass
 class TrainSection:
     output: str = "runs/train"
     steps: int = 1000
@@ -101,9 +111,11 @@ class TrainSection:
     eval_every: int = 100
     cache: str = "runs/attack-cache"
     attacked_per_video: int = 1
+    cache_videos: int | None = None
     area_range: list[float] = field(default_factory=lambda: [0.02, 0.12])
     patience: int = 3
     seed: int = 0
+    classifier: ClassifierTrainSection = field(default_factory=ClassifierTrainSection)
 
 
 @dataclass
@@ -228,6 +240,7 @@ __all__ = [
     "AttackSection",
     "EvaluateSection",
     "TrainSection",
+    "ClassifierTrainSection",
     "load_recipe",
     "parse_recipe",
     "find_recipe",

@@ -355,3 +355,22 @@ def test_bare_state_dict_needs_backbone(tmp_path: Path) -> None:
     assert defense.detector.aux and defense.temporal == "mean"
     with pytest.raises(ConfigError, match="colour"):
         load_defense(tmp_path / "bare.pt", colour=1)
+
+
+def test_art_preprocessor_sanitizes_and_passes_bpda_gradients() -> None:
+    from art.estimators.classification import PyTorchClassifier
+
+    from streamguard.detector import art_preprocessor
+
+    torch.manual_seed(0)
+    defense = PatchZero(PSPNet("mobilenet_v3", width=0.125), mean=(0.5, 0.5, 0.5), dilate=0, temporal="none").eval()
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
+    clf = PyTorchClassifier(net, nn.CrossEntropyLoss(), input_shape=(3, 32, 32), nb_classes=4, clip_values=(0, 1),
+                            preprocessing_defences=[art_preprocessor(defense)])  # fmt: skip
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        expected = net(defense(torch.from_numpy(x))).numpy()
+    np.testing.assert_allclose(clf.predict(x), expected, rtol=1e-5, atol=1e-5)
+    grad = clf.loss_gradient(x, np.eye(4, dtype=np.float32)[[0, 1]])
+    assert grad.shape == x.shape and np.abs(grad).sum() > 0
+    assert defense.bpda is False

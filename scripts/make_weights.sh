@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Train the shipped default weights from scratch with our own commands (seeds in the recipe).
+#   scripts/make_weights.sh [RECIPE] [DEVICE]        e.g. scripts/make_weights.sh synth-clip cuda
+# Steps: SynthMotion -> tiny3d classifier -> DO attack cache + PatchZero stage 1 -> stage 2 (BPDA)
+# -> copy into weights/ with manifest entries (scripts/ship_weights.py).
+set -euo pipefail
+RECIPE="${1:-synth-clip}"
+DEVICE="${2:-cpu}"
+SG="${SG:-streamguard}"
+RUN="${RUN:-runs/train/$RECIPE}"
+STAGE2_STEPS="${STAGE2_STEPS:-300}"
+on_done() { [ -n "${OUT:-}" ] && cp -f "$RUN"/*.pt.json "$RUN"/classifier.pt "$RUN"/detector-stage*.pt "$OUT"/ 2>/dev/null || true; }
+trap on_done EXIT
+$SG train classifier "$RECIPE" --device "$DEVICE" --output "$RUN" ${CLASSIFIER_STEPS:+--steps $CLASSIFIER_STEPS}
+on_done
+$SG train detector --stage 1 "$RECIPE" --device "$DEVICE" --output "$RUN" --model "$RUN/classifier.pt" ${STAGE1_STEPS:+--steps $STAGE1_STEPS}
+on_done
+$SG train detector --stage 2 "$RECIPE" --device "$DEVICE" --output "$RUN" --model "$RUN/classifier.pt" --steps "$STAGE2_STEPS"
+on_done
+python scripts/ship_weights.py "$RUN"

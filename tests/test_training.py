@@ -1,0 +1,232 @@
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from streamguard.checkpoints import load_checkpoint
+from streamguard.data import UCF101Clips, make_synthmotion
+from streamguard.errors import CheckpointError, ConfigError
+from streamguard.models import build_model, load_model, save_model
+from streamguard.recipes import Recipe, parse_recipe
+from streamguard.training import (
+    augment_clips,
+    build_attack_cache,
+    pixel_scores,
+    step_indices,
+    top1,
+    train_classifier,
+    train_detector_stage1,
+    train_detector_stage2,
+)
+
+TINY3D = {"widths": (4, 4, 8, 8), "clip_len": 8, "size": 32}
+TINY_PSP = {"width": 0.1}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 classes x 2 videos (12 train, 12 test), 12 frames of 32x32."""
+    return make_synthmotion(tmp_path_factory.mktemp("synth"), videos_per_class=2, seed=0, size=32, frames=12)
+
+
+@pytest.fixture(scope="module")
+def victim(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("victim") / "tiny3d.pt"
+    save_model(build_model("tiny3d", 12, **TINY3D), path)
+    return path
+
+
+def recipe(tmp: Path, synth: Path, victim: Path | None = None, **train: Any) -> Recipe:
+    table: dict[str, Any] = {
+        "model": {"name": "tiny3d", "num_classes": 12},
+        "data": {"root": str(synth), "size": 32, "clip_len": 8, "frames": 12, "videos_per_class": 2},
+        "attack": {"iters": 2, "batch": 4},
+        "train": {"output": str(tmp / "run"), "cache": str(tmp / "cache"), "batch": 4, "lr": 1e-3, "steps": 2, **train},
+    }
+    t = table["train"]
+    t["classifier"] = {"steps": t["steps"], "batch": t["batch"], "lr": t["lr"], "shift": 2}
+    if victim is not None:
+        table["model"]["weights"] = str(victim)
+    return parse_recipe(table)
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def test_step_indices_are_epoch_permutations_of_seed_and_step() -> None:
+    batches = [step_indices(10, 4, seed=3, step=s) for s in range(5)]
+    flat = np.concatenate(batches)
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert np.array_equal(step_indices(10, 4, seed=3, step=4), batches[4])  # no hidden state
+    assert not np.array_equal(step_indices(10, 4, seed=4, step=0), batches[0])
+
+
+def test_augment_keeps_motion_direction() -> None:
+    clip = torch.zeros(2, 3, 12, 8, 16)
+    for t in range(12):  # a bright bar moving right
+        clip[:, :, t, :, t + 2] = 0.9
+    out = augment_clips(clip, 8, torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 8, 8, 16) and 0 <= out.min() and out.max() <= 1
+    column = out.mean(dim=(1, 3)).argmax(-1)  # (2, 8): the bar's x per frame
+    assert (column.diff(dim=1) == 1).all()
+
+
+def test_pixel_scores() -> None:
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :2] = 1
+    logits = torch.full((1, 1, 4, 4), -5.0)
+    logits[..., :2, :1] = 5
+    logits[..., 3, 3] = 5
+    s = pixel_scores(logits, target)
+    assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(0.5)
+    assert s["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 2))
+
+
+# ---------------------------------------------------------------- classifier
+
+
+def test_classifier_resume_is_bit_identical(tmp_path: Path, synth: Path) -> None:
+    tiny = {"widths": TINY3D["widths"]}
+    full = recipe(tmp_path / "a", synth, steps=4, checkpoint_every=10, eval_every=10)
+    train_classifier(full, model_kwargs=tiny)
+    killed = recipe(tmp_path / "b", synth, steps=2, checkpoint_every=1, eval_every=10)
+    train_classifier(killed, model_kwargs=tiny)
+    resumed = recipe(tmp_path / "b", synth, steps=4, checkpoint_every=1, eval_every=10)
+    seen: list[int] = []
+    result = train_classifier(resumed, model_kwargs=tiny, resume=True, on_progress=lambda s, n, m: seen.append(s))
+    assert seen == [3, 4] and result.steps == 4
+    assert_same_weights(state(tmp_path / "a/run/classifier.pt"), state(result.path))
+    assert load_model(result.path).spec.clip_len == 8
+
+
+def test_resume_needs_a_matching_checkpoint(tmp_path: Path, synth: Path) -> None:
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train_classifier(recipe(tmp_path, synth), model_kwargs={"widths": TINY3D["widths"]}, resume=True)
+    train_classifier(recipe(tmp_path, synth, steps=1), model_kwargs={"widths": TINY3D["widths"]})
+    with pytest.raises(ConfigError, match="batch"):
+        train_classifier(recipe(tmp_path, synth, batch=2), model_kwargs={"widths": TINY3D["widths"]}, resume=True)
+
+
+@pytest.mark.slow
+def test_classifier_learns_above_chance(tmp_path: Path, synth: Path) -> None:
+    r = recipe(tmp_path, synth, steps=60, batch=6, lr=3e-3, checkpoint_every=100, eval_every=100)
+    result = train_classifier(r, model_kwargs={"widths": (8, 8, 16, 16)})
+    train_clips = UCF101Clips(synth, "train", clip_len=8, size=32)
+    accuracy = top1(load_model(result.path), train_clips, 12, torch.device("cpu"))
+    assert accuracy >= 0.5  # chance is 1/12
+    assert result.metrics["loss"] < 2.0 and "top1" in result.metrics
+
+
+# ---------------------------------------------------------------- detector
+
+
+def test_attack_cache_resumes_without_corrupt_entries(tmp_path: Path, synth: Path, victim: Path) -> None:
+    r = recipe(tmp_path, synth, victim, area_range=[0.05, 0.1])
+    cache = build_attack_cache(r)
+    entries = sorted(cache.glob("[0-9]*.pt"))
+    assert len(entries) == 12
+    first = torch.load(entries[0], weights_only=True)
+    assert first["clip"].dtype == torch.uint8 and first["clip"].shape == (3, 8, 32, 32)
+    assert {torch.load(e, weights_only=True)["method"] for e in entries} == {"pgd", "apgd"}
+    # a killed run: two entries never written, one half-written temp file left behind
+    entries[3].unlink()
+    entries[7].unlink()
+    stray = cache / f".{entries[3].name}.999.tmp"
+    stray.write_bytes(b"\x80half a pickle")
+    untouched = entries[0].stat().st_mtime_ns
+    done: list[int] = []
+    build_attack_cache(r, on_progress=lambda s, n, m: done.append(s))
+    assert done == [12] and not stray.exists() and entries[0].stat().st_mtime_ns == untouched
+    for path in sorted(cache.glob("[0-9]*.pt")):
+        entry = torch.load(path, weights_only=True)
+        area = entry["mask"].float()[0, 0].mean().item()
+        assert 0.03 <= area <= 0.12 and (entry["mask"] == entry["mask"][:, :1]).all()  # fixed location
+    with pytest.raises(ConfigError, match="other settings"):
+        build_attack_cache(recipe(tmp_path, synth, victim, area_range=[0.2, 0.3]))
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory: pytest.TempPathFactory, synth: Path, victim: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("stage1")
+    r = recipe(tmp, synth, victim, steps=2)
+    build_attack_cache(r)
+    return train_detector_stage1(r, detector_kwargs=TINY_PSP).path
+
+
+def test_stage1_trains_a_loadable_defense(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    from streamguard.detector import load_defense
+
+    trained = load_defense(stage1)
+    assert trained.mean.tolist() == pytest.approx(list(load_model(victim).spec.mean))
+    _, meta = load_checkpoint(stage1)
+    assert meta["stage"] == 1 and meta["steps"] == 2 and set(meta["metrics"]) >= {"loss", "f1"}
+    cache = str(stage1.parent.parent / "cache")
+    untrained = train_detector_stage1(recipe(tmp_path, synth, victim, steps=0, cache=cache), detector_kwargs=TINY_PSP)
+    before, after = state(untrained.path), state(stage1)
+    assert [k for k in before if k.endswith("weight") and not torch.equal(before[k], after[k])]
+
+
+def test_stage1_resume_is_bit_identical(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    cache = str(stage1.parent.parent / "cache")
+    full = recipe(tmp_path / "a", synth, victim, steps=3, cache=cache, checkpoint_every=10)
+    a = train_detector_stage1(full, detector_kwargs=TINY_PSP)
+    killed = recipe(tmp_path / "b", synth, victim, steps=1, cache=cache, checkpoint_every=1)
+    train_detector_stage1(killed, detector_kwargs=TINY_PSP)
+    resumed = recipe(tmp_path / "b", synth, victim, steps=3, cache=cache, checkpoint_every=1)
+    b = train_detector_stage1(resumed, detector_kwargs=TINY_PSP, resume=True)
+    assert_same_weights(state(a.path), state(b.path))
+
+
+def test_stage2_step_trains_against_bpda(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    r = recipe(tmp_path, synth, victim, steps=1, eval_every=1)
+    result = train_detector_stage2(r, init=stage1, eval_videos=4)
+    assert result.steps == 1 and set(result.metrics) >= {"loss", "f1", "robust_acc", "clean_acc"}
+    assert 0 <= result.metrics["robust_acc"] <= result.metrics["clean_acc"] + 1e-6
+    before, after = state(stage1), state(result.path)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    _, meta = load_checkpoint(result.path)
+    assert meta["stage"] == 2 and meta["init"] == str(stage1)
+
+
+def test_stage2_stops_when_the_race_converges(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    r = recipe(tmp_path, synth, victim, steps=20, eval_every=1, patience=1)
+    result = train_detector_stage2(r, init=stage1, eval_videos=2)
+    robust = [h["robust_acc"] for h in result.history]
+    # robust accuracy of 2 clips can rise at most twice: the run must stop at its first non-rise
+    assert result.stopped_early and result.steps == len(robust) < 20
+    assert all(b > a for a, b in zip(robust[:-2], robust[1:-1])) and robust[-1] <= max(robust[:-1])
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_trains_and_reports_errors_on_one_line(tmp_path: Path, synth: Path) -> None:
+    from typer.testing import CliRunner
+
+    from streamguard.cli import app
+
+    toml = tmp_path / "r.toml"
+    toml.write_text(
+        f'[model]\nname = "tiny3d"\n[data]\nroot = "{synth}"\nsize = 32\nclip_len = 8\nframes = 12\n'
+        f'[train]\noutput = "{tmp_path / "run"}"\nbatch = 2\nsteps = 5\n'
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "classifier", str(toml), "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    _, meta = load_checkpoint(tmp_path / "run/classifier.pt")
+    assert meta["steps"] == 1 and meta["command"].startswith("streamguard")
+    result = runner.invoke(app, ["train", "detector", "--stage", "2", str(toml)])
+    assert result.exit_code == 2 and "--init" in result.output and "Traceback" not in result.output
