@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from streamguard.checkpoints import atomic_write_text
 from streamguard.models import build_model, count_parameters, list_models
 
 RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
@@ -121,10 +122,7 @@ def table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> Table:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def main() -> None:

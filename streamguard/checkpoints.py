@@ -40,6 +40,15 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file under a temporary name, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(
     path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> str:

@@ -586,29 +586,39 @@ def attack_command(
 
 @app.command("demo")
 def demo_command(
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's videos, PNG strip and result.json.")] = Path("demo"),
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's videos, PNG strips and results.")] = Path("demo"),
     seed: Annotated[int, typer.Option(help="Seed of the video, the patch location and the attack.")] = 0,
     video_class: Annotated[int, typer.Option("--class", help="SynthMotion class of the first clip (0-11); the next clip shows the next class.")] = 1,
     area: Annotated[float, typer.Option(help="Patch area as a fraction of the frame.")] = 0.10,
     iters: Annotated[int, typer.Option(help="Masked PGD iterations (paper: 20).")] = 20,
+    mode: Annotated[list[str], typer.Option("--mode", help="do (attack the classifier alone) and/or bpda (adaptive, through PatchZero).")] = ["do", "bpda"],  # noqa: B006
     device: Annotated[str, typer.Option(help="torch device (cpu, cuda...).")] = "cpu",
 ) -> None:
-    """Attack a benchmark video with an adaptive (BPDA) patch, remove it with PatchZero, show the result."""
+    """Patch a benchmark video with Masked PGD (downstream-only and adaptive BPDA), remove it with PatchZero."""
     from .demo import run_demo
 
-    with _count_progress("demo: attacking clips (Masked PGD, BPDA)", 0) as on_progress:
-        result = run_demo(out_dir, seed=seed, video_class=video_class, area=area, iters=iters,
-                          device=str(_device(device)), on_progress=on_progress)  # fmt: skip
-    table = Table(title=f"streamguard demo: {result.video_class}, {area:.0%} patch, MPGD-BPDA eps 1.0 step 0.2 x{iters}, seed {seed}",
+    if bad := [m for m in mode if m not in ("do", "bpda")]:
+        raise ConfigError(f"--mode: expected do or bpda, got {bad[0]!r}")
+    results = []
+    for m in mode:
+        with _count_progress(f"demo: Masked PGD ({m}) on each clip", 0) as on_progress:
+            results.append(run_demo(out_dir, seed=seed, video_class=video_class, area=area, iters=iters, mode=m,
+                                    device=str(_device(device)), on_progress=on_progress))  # fmt: skip
+    first = results[0]
+    table = Table(title=f"streamguard demo: {first.video_class}, {area:.0%} patch, Masked PGD eps 1.0 step 0.2 x{iters}, seed {seed}",
                   title_justify="left")  # fmt: skip
-    for column in ("clip", "true class", "clean", "attacked (no defense)", "attacked + PatchZero"):
-        table.add_column(column)
-    for i, row in enumerate(zip(result.truth, result.clean, result.attacked, result.defended)):
-        table.add_row(str(i), *map(escape, row))
+    table.add_column("clip")
+    table.add_column("true class")
+    table.add_column("clean")
+    for r in results:
+        table.add_column(f"{r.mode.upper()} attacked")
+        table.add_column(f"{r.mode.upper()} + PatchZero")
+    for i, (truth, clean) in enumerate(zip(first.truth, first.clean)):
+        table.add_row(str(i), escape(truth), escape(clean), *(escape(x) for r in results for x in (r.attacked[i], r.defended[i])))
     out.print(table)
-    out.print(_summary_table("PatchZero on the attacked video", {
-        "clips restored": f"{result.restored()} / {len(result.clean)}",
-        "pixel precision / recall / F1": f"{result.pixel_precision:.3f} / {result.pixel_recall:.3f} / {result.pixel_f1:.3f}",
-        "masked fraction": f"{result.masked_fraction:.2%}",
-        **{name: path for name, path in result.files.items()},
-    }))  # fmt: skip
+    rows: dict[str, Any] = {}
+    for r in results:
+        rows[f"{r.mode.upper()}: clips restored"] = f"{r.restored()} / {len(r.clean)}"
+        rows[f"{r.mode.upper()}: pixel precision / recall / F1"] = f"{r.pixel_precision:.3f} / {r.pixel_recall:.3f} / {r.pixel_f1:.3f}"
+        rows[f"{r.mode.upper()}: overlay, strip"] = f"{r.files['overlay']}, {r.files['strip']}"
+    out.print(_summary_table(f"PatchZero on the attacked video (files in {out_dir})", rows))

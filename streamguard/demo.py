@@ -1,8 +1,9 @@
 """The README's first command: a real adaptive patch attack on a real video, removed by PatchZero.
 
 1. render a short SynthMotion benchmark video (seeded; ``clips`` motions one after the other),
-2. patch it with Masked PGD in BPDA mode against the shipped clip classifier *behind* the shipped
-   PatchZero detector (the adaptive attacker knows the defense),
+2. patch it with Masked PGD against the shipped clip classifier: ``mode="do"`` attacks the classifier
+   alone (the attacker ignores the defense), ``mode="bpda"`` attacks it *behind* the shipped PatchZero
+   detector (the adaptive attacker differentiates through the defense),
 3. sanitize the attacked video with PatchZero,
 4. report clean / attacked / defended predictions per clip and the detector's pixel scores, and write
    the input, attacked and sanitized videos, a side-by-side overlay video and a PNG strip.
@@ -32,6 +33,7 @@ from .pipeline import overlay
 
 @dataclass
 class DemoResult:
+    mode: str
     video_class: str
     truth: list[str]
     seed: int
@@ -75,6 +77,7 @@ def run_demo(
     video_class: int = 1,
     area: float = 0.10,
     iters: int = 20,
+    mode: str = "bpda",
     clips: int = 2,
     classifier: str = DEFAULT_CLASSIFIER,
     detector: str = DEFAULT_DETECTOR,
@@ -90,7 +93,7 @@ def run_demo(
     classes = [(video_class + k) % len(SYNTH_CLASSES) for k in range(clips)]
     video = np.concatenate([render_video(c, seed + k, size=size, frames=t)[0] for k, c in enumerate(classes)])
 
-    attack = MaskedAttack(model, "pgd", "bpda", defense=defense, eps=1.0, step=0.2, iters=iters, seed=seed, device=device)
+    attack = MaskedAttack(model, "pgd", mode, defense=defense, eps=1.0, step=0.2, iters=iters, seed=seed, device=device)
     result = attack_video(video, attack, area=area, seed=seed, defense=defense, on_progress=on_progress)
     adv = torch.from_numpy(result.frames).permute(3, 0, 1, 2)[None].to(device)  # (1, 3, F, H, W)
     defense.reset()
@@ -107,11 +110,11 @@ def run_demo(
     panels = np.stack([overlay(a, m, s) for a, m, s in zip(attacked_u8, detected, sanitized_u8)])
     files = {
         "input": out / "input.mp4",
-        "attacked": out / "attacked.mp4",
-        "sanitized": out / "sanitized.mp4",
-        "overlay": out / "overlay.mp4",
-        "strip": out / "strip.png",
-        "result": out / "result.json",
+        "attacked": out / f"{mode}-attacked.mp4",
+        "sanitized": out / f"{mode}-sanitized.mp4",
+        "overlay": out / f"{mode}-overlay.mp4",
+        "strip": out / f"{mode}-strip.png",
+        "result": out / f"{mode}-result.json",
     }
     _write_video(files["input"], video)
     _write_video(files["attacked"], attacked_u8)
@@ -121,6 +124,7 @@ def run_demo(
 
     names = model.spec.class_names or tuple(SYNTH_CLASSES)
     demo = DemoResult(
+        mode=mode,
         video_class=" then ".join(SYNTH_CLASSES[c] for c in classes),
         truth=[SYNTH_CLASSES[c] for c in classes],
         seed=seed,

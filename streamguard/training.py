@@ -635,7 +635,8 @@ def train_detector_stage1(
     """
     t, dev = recipe.train, _device(device)
     benign_ds = _dataset(recipe, "train")
-    attacked_ds = AttackCache(t.cache, len(benign_ds) * t.attacked_per_video)
+    cached_videos = len(benign_ds) if t.cache_videos is None else len(_dataset(recipe, "train", subset=t.cache_videos))
+    attacked_ds = AttackCache(t.cache, cached_videos * t.attacked_per_video)
     mean = _downstream(recipe, torch.device("cpu")).spec.mean
     with _StepRNG(t.seed, dev, 3, 1):
         detector = _detector(recipe, detector_kwargs).to(dev)

@@ -1,0 +1,55 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from streamguard.checkpoints import read_manifest
+from streamguard.cli import app
+from streamguard.demo import run_demo
+from streamguard.detector import PatchZero, PSPNet, load_defense, save_defense
+from streamguard.models import build_model, load_model, save_model
+
+
+@pytest.fixture
+def tiny_weights(tmp_path: Path) -> tuple[Path, Path]:
+    model = build_model("tiny3d", 12, widths=(4, 8, 8, 8), clip_len=8, size=32).eval()
+    save_model(model, tmp_path / "cls.pt")
+    defense = PatchZero(PSPNet("mobilenet_v3", width=0.125), mean=model.spec.mean)
+    save_defense(defense, tmp_path / "det.pt")
+    return tmp_path / "cls.pt", tmp_path / "det.pt"
+
+
+def test_demo_writes_its_files_and_consistent_results(tmp_path: Path, tiny_weights: tuple[Path, Path]) -> None:
+    cls, det = tiny_weights
+    result = run_demo(tmp_path / "demo", classifier=str(cls), detector=str(det), iters=2, clips=2, mode="bpda")
+    assert result.truth == ["MoveRight", "MoveUp"]
+    assert len(result.clean) == len(result.attacked) == len(result.defended) == 2
+    for name, path in result.files.items():
+        assert Path(path).is_file() and Path(path).stat().st_size > 0, name
+    saved = json.loads(Path(result.files["result"]).read_text())
+    assert saved["mode"] == "bpda" and saved["defended"] == result.defended
+    assert 0.0 <= result.masked_fraction <= 1.0
+
+
+def test_demo_rejects_an_unknown_mode() -> None:
+    result = CliRunner().invoke(app, ["demo", "--mode", "cw"])
+    assert result.exit_code == 2 and "--mode" in result.output
+
+
+def test_shipped_weights_load_and_match_their_hashes() -> None:
+    manifest = read_manifest()
+    assert {"synth-tiny3d", "synth-patchzero"} <= set(manifest)
+    model = load_model("synth-tiny3d")
+    assert model.spec.num_classes == 12 and len(model.spec.class_names) == 12
+    defense = load_defense("synth-patchzero", mean=list(model.spec.mean))
+    clip = np.full((1, 3, model.spec.clip_len, *model.spec.input_size), 0.5, np.float32)
+    import torch
+
+    with torch.no_grad():
+        clean, mask = defense.sanitize(torch.from_numpy(clip))
+        assert model(clean).shape == (1, 12)
+    assert mask.shape == (1, 1, model.spec.clip_len, *model.spec.input_size)
+    for entry in manifest.values():
+        assert entry["bytes"] < 8_000_000 and entry["command"].startswith("streamguard train")
