@@ -28,6 +28,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -393,7 +394,27 @@ class ReconnectingSource:
 
 
 def _partial_name(path: Path) -> Path:
+    """This process's temporary name for ``path``; stale ones left by killed writers are removed."""
+    _remove_stale_partials(path)
     return path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Delete ``.STEM.PID.partial.SUFFIX`` files next to ``path`` whose writer process is gone."""
+    for stale in path.parent.glob(f".{glob.escape(path.stem)}.*.partial{path.suffix}"):
+        pid = stale.name[len(path.stem) + 2 : -len(f".partial{path.suffix}")]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class VideoSink:

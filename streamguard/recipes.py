@@ -114,6 +114,7 @@ class TrainSection:
     cache_videos: int | None = None
     area_range: list[float] = field(default_factory=lambda: [0.02, 0.12])
     patience: int = 3
+    eval_videos: int = 16
     seed: int = 0
     classifier: ClassifierTrainSection = field(default_factory=ClassifierTrainSection)
 

@@ -702,7 +702,7 @@ def train_detector_stage2(
     *,
     on_progress: ProgressFn | None = None,
     resume: bool = False,
-    eval_videos: int = 16,
+    eval_videos: int | None = None,
     command: str = "",
     device: str | None = None,
 ) -> TrainResult:
@@ -712,7 +712,7 @@ def train_detector_stage2(
     ``train.area_range``) attacked by masked PGD / AutoPGD (alternating by step) in BPDA mode through
     ``PatchZero(current detector)`` and the frozen downstream model; the detector then takes one Adam
     step on all of them. Every ``train.eval_every`` steps robust accuracy under BPDA PGD is measured
-    on ``eval_videos`` test clips; training stops after ``train.patience`` evaluations without a new
+    on ``eval_videos`` (default ``train.eval_videos``) test clips; training stops after ``train.patience`` evaluations without a new
     best, or at ``train.steps``. Writes ``<train.output>/detector-stage2.pt``.
     """
     from .detector import load_defense
@@ -720,6 +720,7 @@ def train_detector_stage2(
     t, dev = recipe.train, _device(device)
     train_ds = _dataset(recipe, "train")
     n_test = len(_dataset(recipe, "test"))
+    eval_videos = eval_videos or recipe.train.eval_videos
     eval_ds = _dataset(recipe, "test", subset=min(eval_videos, recipe.data.subset or eval_videos, n_test))
     model = _downstream(recipe, dev)
     start = load_defense(str(init))

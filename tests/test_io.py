@@ -261,3 +261,23 @@ def test_sink_with_source_time_base_keeps_gaps(tmp_path: Path) -> None:
     with open_source(tmp_path / "gap.mp4") as src:
         times = [f.time for f in src]
     assert times == pytest.approx([0.0, 0.1, 0.5, 0.6], abs=1e-3)
+
+
+def test_stale_partial_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from streamguard.io import VideoSink
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale = tmp_path / f".out.{finished.pid}.partial.mp4"
+    other_output = tmp_path / f".other.{finished.pid}.partial.mp4"
+    running_writer = tmp_path / f".out.{os.getppid()}.partial.mp4"
+    for f in (stale, other_output, running_writer):
+        f.write_bytes(b"x")
+    with VideoSink(tmp_path / "out.mp4", 32, 32, 10) as sink:
+        sink.write(np.zeros((32, 32, 3), np.uint8))
+    assert not stale.exists(), "a dead writer's partial file was kept"
+    assert other_output.exists() and running_writer.exists(), "only this output's dead writers' files may go"
+    assert (tmp_path / "out.mp4").is_file()
