@@ -37,7 +37,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from .attacks import MaskedAttack, patch_mask
-from .checkpoints import DEFAULT_DETECTOR
+from .checkpoints import DEFAULT_DETECTOR, atomic_write_text
 from .data import UCF101Clips, make_synthmotion
 from .detector import load_defense
 from .errors import ConfigError, InputError
@@ -333,13 +333,8 @@ def _fingerprint(recipe: Recipe) -> str:
 
 
 def _write_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write to a temporary name, then rename: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    atomic_write_text(path, text)
+    return Path(path)
 
 
 def _record_key(defense: str, attack: str, video: int) -> tuple[str, str, int]:
