@@ -49,6 +49,24 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, unexpected and mis-shaped keys of ``found``."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshaped = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in found.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    problems = [
+        f"{len(keys)} {what} ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
+
+
 def save_checkpoint(
     path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> str:

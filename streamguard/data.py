@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from .checkpoints import atomic_write_text
 from .errors import ConfigError, InputError, StreamGuardError
 
 SPLIT_DIR = "ucfTrainTestlist"
@@ -576,12 +577,6 @@ def write_video(path: Path, frames: np.ndarray, fps: int = SYNTH_FPS) -> None:
     os.replace(tmp, path)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _make_one(job: tuple[str, int, int, int, int, int]) -> tuple[str, list[float]]:
     """Render, encode and write one video and its box file; returns its name and RGB mean."""
     root, class_index, group, seed, size, frames = job
@@ -599,7 +594,7 @@ def _make_one(job: tuple[str, int, int, int, int, int]) -> tuple[str, list[float
         "labels": [[class_index + 1] if b[0] >= 0 else [] for b in boxes],
         "track": info,
     }
-    _write_text(Path(f"{path}.boxes.json"), json.dumps(sidecar, sort_keys=True))
+    atomic_write_text(Path(f"{path}.boxes.json"), json.dumps(sidecar, sort_keys=True))
     return rel, (np.mean([cv2.mean(image)[:3] for image in video], axis=0) / 255).tolist()
 
 
@@ -667,13 +662,13 @@ def make_synthmotion(
         "backgrounds": [{"name": n, "source": s, "licence": lic} for n, (s, lic) in BACKGROUNDS.items()],
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _write_text(root / "synthmotion.json", json.dumps(meta, indent=2))
+    atomic_write_text(root / "synthmotion.json", json.dumps(meta, indent=2))
     return root
 
 
 def _write_splits(root: Path, videos_per_class: int, test_count: int) -> None:
     split_dir = root / SPLIT_DIR
-    _write_text(split_dir / "classInd.txt", "".join(f"{i} {n}\n" for i, n in enumerate(SYNTH_CLASSES, 1)))
+    atomic_write_text(split_dir / "classInd.txt", "".join(f"{i} {n}\n" for i, n in enumerate(SYNTH_CLASSES, 1)))
     for fold in (1, 2, 3):
         test = _test_groups(videos_per_class, test_count, fold)
         train_lines, test_lines = [], []
@@ -684,8 +679,8 @@ def _write_splits(root: Path, videos_per_class: int, test_count: int) -> None:
                     test_lines.append(f"{rel}\n")
                 else:
                     train_lines.append(f"{rel} {i}\n")
-        _write_text(split_dir / f"trainlist0{fold}.txt", "".join(train_lines))
-        _write_text(split_dir / f"testlist0{fold}.txt", "".join(test_lines))
+        atomic_write_text(split_dir / f"trainlist0{fold}.txt", "".join(train_lines))
+        atomic_write_text(split_dir / f"testlist0{fold}.txt", "".join(test_lines))
 
 
 class _Serial:

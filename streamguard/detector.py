@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .checkpoints import Weights, get_weights, load_checkpoint, save_checkpoint
+from .checkpoints import Weights, check_state_dict, get_weights, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError, InputError
 
 Backbone = Literal["resnet50", "resnet18", "mobilenet_v3"]
@@ -419,30 +419,8 @@ _DETECTOR_KEYS = ("backbone", "width", "aux")
 _DEFENSE_KEYS = ("mean", "threshold", "dilate", "temporal", "ema", "input_size", "bpda", "temperature")
 
 
-def check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], where: str) -> None:
-    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys, if any."""
-    problems = []
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    misshaped = [
-        f"{k} (file {_dims(found[k])}, network {_dims(v)})"
-        for k, v in expected.items()
-        if k in found and tuple(found[k].shape) != tuple(v.shape)
-    ]
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
-        if keys:
-            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            problems.append(f"{label}: {', '.join(keys[:3])}{more}")
-    if problems:
-        raise CheckpointError(f"{where} does not match the network: {'; '.join(problems)}")
-
-
-def _dims(t: Tensor) -> str:
-    return "x".join(map(str, t.shape)) or "scalar"
-
-
 def load_state_dict_checked(module: nn.Module, state_dict: dict[str, Tensor], where: str) -> None:
-    check_state_dict(module.state_dict(), state_dict, where)
+    check_state_dict(module.state_dict(), state_dict, f"{where} does not match the network")
     module.load_state_dict(state_dict)
 
 

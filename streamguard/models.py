@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from .checkpoints import Weights, get_weights, save_checkpoint
+from .checkpoints import Weights, check_state_dict, get_weights, save_checkpoint
 from .errors import CheckpointError, ConfigError
 
 
@@ -407,10 +407,6 @@ def _network(model: nn.Module) -> nn.Module:
     return model.net if isinstance(model, ClipClassifier) else model
 
 
-def _short(keys: Sequence[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (", …" if len(keys) > n else "")
-
-
 def load_state(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
     """Strictly load a state dict into ``model``'s network, accepting ``module.`` (DataParallel)
     prefixes and a whole :class:`ClipClassifier`'s ``net.`` prefix.
@@ -420,21 +416,7 @@ def load_state(model: nn.Module, state_dict: Mapping[str, Tensor], source: str =
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if state and all(k.startswith("net.") for k in state):
         state = {k.removeprefix("net."): v for k, v in state.items()}
-    target = _network(model).state_dict()
-    missing = [k for k in target if k not in state]
-    unexpected = [k for k in state if k not in target]
-    shaped = [
-        f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
-        for k, v in state.items()
-        if k in target and tuple(v.shape) != tuple(target[k].shape)
-    ]
-    problems = [
-        f"{len(keys)} {what} ({_short(keys)})"
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped))
-        if keys
-    ]
-    if problems:
-        raise CheckpointError(f"{source} does not fit model {model.spec.name!r}: " + "; ".join(problems))
+    check_state_dict(_network(model).state_dict(), state, f"{source} does not fit model {model.spec.name!r}")
     _network(model).load_state_dict(state)
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoints import atomic_save, load_checkpoint, save_checkpoint
+from .checkpoints import atomic_save, atomic_write_text, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError, InputError
 from .recipes import Recipe, recipe_to_dict
 
@@ -179,9 +179,8 @@ def _run_config(recipe: Recipe, **extra: Any) -> dict[str, Any]:
 
 def _write_sidecar(path: Path, sha256: str, meta: dict[str, Any]) -> None:
     """``<checkpoint>.json``: command, seed, metrics and sha256, as ``weights/manifest.json`` wants them."""
-    tmp = path.with_name(f".{path.name}.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"file": path.name, "sha256": sha256, **meta}, indent=2, default=str))
-    os.replace(tmp, path.with_name(path.name + ".json"))
+    text = json.dumps({"file": path.name, "sha256": sha256, **meta}, indent=2, default=str)
+    atomic_write_text(path.with_name(path.name + ".json"), text)
 
 
 def _train_loop(
@@ -518,10 +517,7 @@ def _check_cache_config(cache: Path, config: dict[str, Any]) -> None:
         if diff:
             raise ConfigError(f"{cache}: attack cache was made with other settings ({', '.join(diff)}); use another train.cache")
         return
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".cache.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(config, indent=2))
 
 
 def _cache_entries(
