@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .checkpoints import atomic_write_text
 from .errors import ConfigError, InputError, StreamGuardError
+from .recipes import DataSection
 
 SPLIT_DIR = "ucfTrainTestlist"
 UCF101_MEAN = (114.7748 / 255, 107.7354 / 255, 99.4750 / 255)  # ActivityNet mean used by MARS
@@ -696,6 +697,22 @@ class _Serial:
         return map(fn, items)
 
 
+
+def recipe_clips(d: DataSection, split: str, *, clip_len: int | None = None, subset: int | None = None) -> UCF101Clips:
+    """The clips a recipe's ``[data]`` table names (centered starts).
+
+    SynthMotion is generated first when its tree is not complete (``synthmotion.json``, written
+    last, is missing), so an interrupted generation is redone rather than read half-written.
+    """
+    root = Path(d.root)
+    if d.kind == "synthmotion" and not (root / "synthmotion.json").is_file():
+        make_synthmotion(root, d.videos_per_class, d.seed, size=d.size, frames=d.frames, workers=max(1, d.workers))
+    return UCF101Clips(
+        root, split=split, fold=d.fold, clip_len=clip_len or d.clip_len, size=d.size, stride=d.stride,
+        start="center", subset=subset, seed=d.seed,
+    )  # fmt: skip
+
+
 __all__ = [
     "SYNTH_CLASSES",
     "BACKGROUNDS",
@@ -703,6 +720,7 @@ __all__ = [
     "make_loader",
     "load_boxes",
     "make_synthmotion",
+    "recipe_clips",
     "render_video",
     "write_video",
     "read_class_index",

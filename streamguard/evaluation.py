@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .attacks import MaskedAttack, patch_mask
 from .checkpoints import DEFAULT_DETECTOR, atomic_write_text
-from .data import UCF101Clips, make_synthmotion
+from .data import recipe_clips
 from .detector import load_defense
 from .errors import ConfigError, InputError
 from .models import build_model
@@ -435,12 +435,8 @@ def _video_name(dataset: Any, index: int) -> str:
 
 
 def load_dataset(recipe: Recipe) -> Any:
-    """The recipe's test clips; SynthMotion is generated first when its root does not exist yet."""
-    d = recipe.data
-    root = Path(d.root)
-    if d.kind == "synthmotion" and not root.exists():
-        make_synthmotion(root, videos_per_class=d.videos_per_class, seed=d.seed, size=d.size, frames=d.frames)
-    return UCF101Clips(root, split=d.split, fold=d.fold, clip_len=d.clip_len, size=d.size, stride=d.stride, subset=d.subset, seed=d.seed)
+    """The recipe's evaluation clips (``data.split``, ``data.subset``)."""
+    return recipe_clips(recipe.data, recipe.data.split, subset=recipe.data.subset)
 
 
 def build_defenses(recipe: Recipe, model: nn.Module, patchzero: nn.Module | None = None) -> dict[str, nn.Module]:

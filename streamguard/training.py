@@ -224,17 +224,9 @@ def _start(run: _Run, resume: bool) -> None:
 
 
 def _dataset(recipe: Recipe, split: str, clip_len: int | None = None, subset: int | None = None) -> Any:
-    """``UCF101Clips`` over the recipe's data (SynthMotion is generated first if its root is missing)."""
-    from .data import UCF101Clips, make_synthmotion
+    from .data import recipe_clips
 
-    d = recipe.data
-    root = Path(d.root)
-    if d.kind == "synthmotion" and not root.exists():
-        make_synthmotion(root, d.videos_per_class, d.seed, size=d.size, frames=d.frames, workers=max(1, d.workers))
-    return UCF101Clips(
-        root, split=split, fold=d.fold, clip_len=clip_len or d.clip_len, size=d.size, stride=d.stride,
-        start="center", subset=subset, seed=d.seed,
-    )  # fmt: skip
+    return recipe_clips(recipe.data, split, clip_len=clip_len, subset=subset)
 
 
 def augment_clips(x: Tensor, clip_len: int, gen: torch.Generator, colour: float = 0.2, shift: int = 0) -> Tensor:

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from torch import nn
@@ -20,7 +19,7 @@ from streamguard.cli import app
 from streamguard.detector import PatchZero, PSPNet, save_defense
 from streamguard.io import open_source
 from streamguard.models import build_model, save_model
-from test_io import audio_packets, free_port, make_video, pattern, read_index
+from test_io import audio_packets, free_port, make_video, read_index
 
 runner = CliRunner()
 

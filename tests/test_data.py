@@ -293,3 +293,16 @@ def test_cli_data_synth(tmp_path: Path) -> None:
     assert len(UCF101Clips(tmp_path / "sm", split="train", clip_len=4, size=32)) == len(SYNTH_CLASSES)
     bad = runner.invoke(app, ["data", "synth", str(tmp_path / "bad"), "--size", "33"])
     assert bad.exit_code == 2 and "size" in bad.output
+
+
+def test_recipe_clips_redoes_an_interrupted_synthmotion_tree(tmp_path: Path) -> None:
+    from streamguard.data import recipe_clips
+    from streamguard.recipes import DataSection
+
+    root = tmp_path / "synth"
+    (root / "MoveLeft").mkdir(parents=True)  # what a killed generation leaves: no synthmotion.json
+    d = DataSection(root=str(root), size=32, clip_len=4, frames=4, videos_per_class=2)
+    clips = recipe_clips(d, "test")
+    assert (root / "synthmotion.json").is_file()
+    clip, label = clips[0]
+    assert tuple(clip.shape) == (3, 4, 32, 32) and 0 <= label < len(clips.classes)
