@@ -2,7 +2,8 @@
 # Train the shipped default weights from scratch with our own commands (seeds in the recipe).
 #   scripts/make_weights.sh [RECIPE] [DEVICE]        e.g. scripts/make_weights.sh synth-clip cuda
 # Steps: SynthMotion -> tiny3d classifier -> DO attack cache + PatchZero stage 1 -> stage 2 (BPDA)
-# -> copy into weights/ with manifest entries (scripts/ship_weights.py).
+# -> per-frame Faster R-CNN (recipe synth-detect) -> copy into weights/ with manifest entries
+# (scripts/ship_weights.py).
 # The shipped weights: classifier with CLASSIFIER_STEPS=2000 on one H100 (device cuda), detector
 # stages on the CPU (device cpu), everything else as in pipelines/synth-clip.toml.
 set -euo pipefail
@@ -19,4 +20,6 @@ $SG train detector --stage 1 "$RECIPE" --device "$DEVICE" --output "$RUN" --mode
 on_done
 $SG train detector --stage 2 "$RECIPE" --device "$DEVICE" --output "$RUN" --model "$RUN/classifier.pt" --steps "$STAGE2_STEPS"
 on_done
-python scripts/ship_weights.py "$RUN"
+DETECT_RUN="${DETECT_RUN:-runs/train/synth-detect}"
+$SG train frame-detector synth-detect --device "$DEVICE" --output "$DETECT_RUN" ${FRAME_STEPS:+--steps $FRAME_STEPS}
+python scripts/ship_weights.py "$RUN" "$DETECT_RUN"

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Regenerate the README's result tables on the shipped weights (seeds are in the recipes).
-#   scripts/reproduce.sh [MAX_VIDEOS]
+#   scripts/reproduce.sh [MAX_VIDEOS] [MAX_DETECT_VIDEOS]
 set -euo pipefail
 N="${1:-36}"
+ND="${2:-$N}"
 SG="${SG:-streamguard}"
 mkdir -p results
 $SG evaluate synth-clip --max-videos "$N" --no-resume --output runs/evaluate/synth-clip --markdown results/synth-clip.md
+# the same PatchZero cells with the detector after stage 1 only (before the adaptive stage 2)
+$SG evaluate synth-clip --defenses patchzero --detector synth-patchzero-stage1 --max-videos "$N" --no-resume \
+    --output runs/evaluate/stage1 --markdown results/stage1.md
 $SG evaluate pipelines/ablation-temporal.toml --max-videos "$N" --no-resume --output runs/evaluate/ablation-temporal \
     --markdown results/ablation-temporal.md
+$SG evaluate synth-detect --max-videos "$ND" --no-resume --output runs/evaluate/synth-detect --markdown results/synth-detect.md

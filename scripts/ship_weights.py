@@ -18,6 +18,7 @@ from streamguard.checkpoints import WEIGHTS_DIR, load_checkpoint, sha256_file
 
 SHIPPED = {  # run file -> shipped name
     "classifier.pt": "synth-tiny3d",
+    "detector-stage1.pt": "synth-patchzero-stage1",
     "detector-stage2.pt": "synth-patchzero",
     "frame-detector.pt": "synth-frcnn",
 }

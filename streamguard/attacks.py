@@ -219,6 +219,21 @@ def _seeded(seed: int, device: str) -> Iterator[None]:
         np.random.set_state(state)
 
 
+def _check_settings(mode: str, defense: nn.Module | None, eps: float, step: float, **counts: int) -> None:
+    """Validate the settings every masked attack shares; ``counts`` must each be >= 1."""
+    if mode not in MODES:
+        raise ConfigError(f"attack mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "bpda" and not hasattr(defense, "bpda"):
+        raise ConfigError("attack mode 'bpda' needs a defense with a BPDA switch (PatchZero)")
+    if not 0 < eps <= 1:
+        raise ConfigError(f"attack.eps must be in (0, 1], got {eps}")
+    if not step > 0:
+        raise ConfigError(f"attack.step must be > 0, got {step}")
+    for name, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"attack.{name} must be >= 1, got {value}")
+
+
 class MaskedAttack:
     """Masked PGD / AutoPGD / Carlini-Wagner (L2) patch attack on a clip classifier, via ART.
 
@@ -249,17 +264,7 @@ class MaskedAttack:
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"attack method must be one of {', '.join(METHODS)}, got {method!r}")
-        if mode not in MODES:
-            raise ConfigError(f"attack mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if mode == "bpda" and not hasattr(defense, "bpda"):
-            raise ConfigError("attack mode 'bpda' needs a defense with a BPDA switch (PatchZero)")
-        if not 0 < eps <= 1:
-            raise ConfigError(f"attack.eps must be in (0, 1], got {eps}")
-        if not step > 0:
-            raise ConfigError(f"attack.step must be > 0, got {step}")
-        for name, value in (("iters", iters), ("restarts", restarts), ("batch", batch_size)):
-            if value < 1:
-                raise ConfigError(f"attack.{name} must be >= 1, got {value}")
+        _check_settings(mode, defense, eps, step, iters=iters, restarts=restarts, batch=batch_size)
         if getattr(getattr(model, "spec", None), "task", "clip") != "clip":
             raise ConfigError(f"masked patch attacks need a clip classifier, {model.spec.name!r} is a frame detector")
         self.model, self.method, self.mode, self.defense = model, method, mode, defense
@@ -410,6 +415,66 @@ class MaskedAttack:
         return pred != y if self.targeted else pred == y
 
 
+class MaskedFrameAttack:
+    """Masked PGD (L-inf) on a per-frame object detector (torchvision Faster R-CNN), via ART.
+
+    Untargeted: each step ascends the detector's training loss for the true boxes (RPN and box
+    head classification and regression, ART's ``PyTorchFasterRCNN``), inside the patch only. Clips
+    (N, C, T, H, W) are attacked one at a time, their T frames as one batch, so in ``mode="bpda"``
+    the gradient flows through PatchZero fused over the whole clip (:class:`FramesAsClip`), exactly
+    as the defense runs. ART's PGD has no random start for detectors: it starts from the clean frames.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: Mode = "do",
+        defense: nn.Module | None = None,
+        eps: float = 1.0,
+        step: float = 0.2,
+        iters: int = 20,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        _check_settings(mode, defense, eps, step, iters=iters)
+        if getattr(getattr(model, "spec", None), "task", None) != "frame":
+            raise ConfigError("MaskedFrameAttack needs a frame detector (spec.task == 'frame')")
+        self.model, self.mode, self.defense = model, mode, defense
+        self.eps, self.step, self.iters, self.seed, self.device = float(eps), float(step), int(iters), int(seed), str(device)
+
+    @classmethod
+    def from_section(cls, model: nn.Module, section: AttackSection, mode: Mode, **kw: Any) -> MaskedFrameAttack:
+        return cls(model, mode, **{"eps": section.eps, "step": section.step, "iters": section.iters, "seed": section.seed, **kw})
+
+    def generate(self, x: np.ndarray, targets: Sequence[Sequence[dict[str, Any]]], mask: np.ndarray | Tensor) -> np.ndarray:
+        """Patched clips: float32 (N, C, T, H, W) in [0, 1], equal to ``x`` outside ``mask``.
+
+        ``targets[n][t]``: ``{"boxes": (K, 4) xyxy, "labels": (K,)}`` of frame t of clip n.
+        """
+        from art.attacks.evasion import ProjectedGradientDescent
+
+        from .detector import FramesAsClip
+        from .models import to_art
+
+        x = np.asarray(x)
+        if x.ndim != 5 or len(targets) != len(x) or any(len(t) != x.shape[2] for t in targets):
+            raise ConfigError(f"frame attack needs clips (N, C, T, H, W) and N x T targets, got {x.shape}, {len(targets)}")
+        m = as_mask(mask, x.shape)
+        defense = FramesAsClip(self.defense) if self.mode == "bpda" else None
+        estimator = to_art(self.model, defense, device=self.device)
+        attack = ProjectedGradientDescent(
+            estimator, norm=np.inf, eps=self.eps, eps_step=self.step, max_iter=self.iters, batch_size=x.shape[2],
+            verbose=False,
+        )  # fmt: skip
+        adv = np.empty_like(x, dtype=np.float32)
+        with _attack_state(estimator.model, self.defense, self.mode == "bpda"), _seeded(self.seed, self.device):
+            for i in range(len(x)):
+                frames = np.ascontiguousarray(x[i].transpose(1, 0, 2, 3), dtype=np.float32)
+                y = [{k: np.asarray(v.cpu() if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets[i]]
+                adv[i] = attack.generate(frames, y, mask=m[i].transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+        return np.clip(np.where(m > 0, adv, x), 0, 1).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- whole videos
 
 
@@ -517,6 +582,7 @@ __all__ = [
     "PRESETS",
     "AttackedVideo",
     "MaskedAttack",
+    "MaskedFrameAttack",
     "PatchComposer",
     "as_mask",
     "attack_video",

@@ -357,20 +357,30 @@ def evaluate_command(
     output: Annotated[Path | None, typer.Option("--output", help="Results folder (default: the recipe's evaluate.output).")] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over instead of skipping the samples already in the output.")] = False,
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the tables as markdown (for the README).")] = None,
+    detector: Annotated[str | None, typer.Option("--detector", help="PatchZero checkpoint to evaluate (overrides defense.weights).")] = None,
+    defenses: Annotated[str | None, typer.Option("--defenses", help="Comma-separated defenses to run instead of evaluate.defenses (e.g. patchzero).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Downstream model checkpoint (overrides model.weights).")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Every defense under every attack of a recipe: accuracy (Table 4) and PatchZero's pixel metrics (Table 5a)."""
+    """Every defense under every attack of a recipe: accuracy (Table 4) or, for a per-frame detector, box AP
+    (Table 3), and PatchZero's pixel metrics (Table 5a)."""
     from dataclasses import replace
 
-    from .evaluation import evaluate, save_markdown, table4, table5a, table5a_rows
+    from .evaluation import evaluate, is_frame_report, save_markdown, table3, table4, table5a, table5a_rows
     from .recipes import load_recipe
 
     rec = load_recipe(recipe)
     settings = replace(rec.evaluate, max_videos=max_videos or rec.evaluate.max_videos, output=str(output or rec.evaluate.output))
+    if defenses is not None:
+        settings.defenses = [d.strip() for d in defenses.split(",") if d.strip()]
     rec = replace(rec, evaluate=settings)
+    if detector is not None:
+        rec.defense.weights = detector
+    if model is not None:
+        rec.model.weights = model
     with _count_progress(f"evaluate {rec.name}", 0) as on_progress:
         report = evaluate(rec, on_progress=on_progress, resume=not no_resume, device=_device(device))
-    out.print(table4(report))
+    out.print(table3(report) if is_frame_report(report) else table4(report))
     if table5a_rows(report)[1]:
         out.print(table5a(report))
     if markdown is not None:
@@ -380,7 +390,7 @@ def evaluate_command(
 
 # ---------------------------------------------------------------- train
 
-train_app = _App(name="train", help="Train the benchmark classifier and the PatchZero detector (resumable).", no_args_is_help=True)
+train_app = _App(name="train", help="Train the benchmark classifier or frame detector, and the PatchZero detector (resumable).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 TrainRecipeArg = Annotated[str, typer.Argument(help="Recipe name (pipelines/NAME.toml) or TOML path.")]
@@ -388,7 +398,8 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue exactly from
 StepsOpt = Annotated[int | None, typer.Option("--steps", min=0, help="Override train.steps.")]
 TrainOutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Override train.output (the run directory).")]
 TrainDeviceOpt = Annotated[str | None, typer.Option("--device", help="torch device (default: cuda if available, else cpu).")]
-_METRIC_LABELS = {"loss": "loss", "acc": "acc", "top1": "top-1", "f1": "pixel F1", "robust_acc": "robust acc", "fooled": "fooled"}
+_METRIC_LABELS = {"loss": "loss", "acc": "acc", "top1": "top-1", "f1": "pixel F1", "robust_acc": "robust acc", "fooled": "fooled",
+                  "ap": "AP", "ap50": "AP50"}
 
 
 def _train_recipe(name: str, steps: int | None, output: Path | None) -> Recipe:
@@ -450,6 +461,22 @@ def train_classifier_command(
         result = train_classifier(rec, on_progress=on_progress, resume=resume, synth_train_videos=synth_train_videos,
                                   command=_command_line(), device=device)  # fmt: skip
     _print_result("streamguard train classifier", result)
+
+
+@train_app.command("frame-detector")
+def train_frame_detector_command(
+    recipe: TrainRecipeArg, resume: ResumeOpt = False, steps: StepsOpt = None, output: TrainOutputOpt = None,
+    device: TrainDeviceOpt = None,
+) -> None:  # fmt: skip
+    """Train the recipe's per-frame object detector (Faster R-CNN) on the benchmark's boxes."""
+    from .training import train_frame_detector
+
+    rec = _train_recipe(recipe, None, output)
+    if steps is not None:
+        rec.train.frame_detector.steps = steps
+    with _train_progress(f"train frame detector {rec.model.name}") as on_progress:
+        result = train_frame_detector(rec, on_progress=on_progress, resume=resume, command=_command_line(), device=device)
+    _print_result("streamguard train frame-detector", result)
 
 
 @train_app.command("cache")

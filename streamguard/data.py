@@ -372,6 +372,60 @@ def load_boxes(video_path: str | Path) -> tuple[list[np.ndarray], list[np.ndarra
     return boxes, labels
 
 
+def crop_resize_boxes(boxes: np.ndarray, height: int, width: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Map (K, 4) xyxy boxes of an (height, width) frame through :func:`center_crop_resize`.
+
+    Boxes are clipped to the square; returns the float32 (K', 4) boxes with something left inside
+    it and the (K,) bool mask of which input boxes those are.
+    """
+    side = min(height, width)
+    top, left, scale = (height - side) // 2, (width - side) // 2, size / side
+    out = ((boxes.reshape(-1, 4) - np.array([left, top, left, top], np.float32)) * scale).clip(0, size)
+    keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return out[keep].astype(np.float32), keep
+
+
+class BoxClips(Dataset):
+    """Clips with per-frame object boxes, for per-frame detectors: ``(clip, targets)``.
+
+    ``clip``: (3, T, S, S) float32 in [0, 1] as :class:`UCF101Clips` gives it; ``targets``: T dicts
+    ``{"boxes": (K, 4) float32 xyxy in clip pixels, "labels": (K,) int64}`` from each video's
+    ``.boxes.json``. ``class_agnostic=True`` labels every object 1 (one "object" class for a
+    detector that sees single frames, which cannot tell motions apart); otherwise the classInd id.
+    """
+
+    def __init__(self, clips: UCF101Clips, class_agnostic: bool = True) -> None:
+        self.clips, self.class_agnostic = clips, class_agnostic
+        for path, _ in clips.videos:
+            if not Path(f"{path}.boxes.json").is_file():
+                raise InputError(f"missing box file: {path}.boxes.json")
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        clip, _, indices = self.clips.load(index)
+        path = self.clips.videos[index][0]
+        boxes, labels = load_boxes(path)
+        height, width = _frame_size(path)
+        targets = []
+        for i in indices:
+            b, keep = crop_resize_boxes(boxes[i], height, width, self.clips.size)
+            lab = np.ones(len(b), np.int64) if self.class_agnostic else labels[i][keep]
+            targets.append({"boxes": torch.from_numpy(b), "labels": torch.from_numpy(lab)})
+        return clip, targets
+
+
+def _frame_size(video_path: Path) -> tuple[int, int]:
+    """(height, width) recorded in a box file, else read from the video's header."""
+    meta = json.loads(Path(f"{video_path}.boxes.json").read_text())
+    if "height" in meta and "width" in meta:
+        return int(meta["height"]), int(meta["width"])
+    container, stream = _open_video(Path(video_path))
+    with container:
+        return int(stream.codec_context.height), int(stream.codec_context.width)
+
+
 # ----------------------------------------------------------------------------- SynthMotion
 
 
@@ -717,6 +771,8 @@ __all__ = [
     "SYNTH_CLASSES",
     "BACKGROUNDS",
     "UCF101Clips",
+    "BoxClips",
+    "crop_resize_boxes",
     "make_loader",
     "load_boxes",
     "make_synthmotion",

@@ -393,6 +393,29 @@ class PatchZero(nn.Module):
         return clips * (1 - mask) + mean * mask
 
 
+class FramesAsClip(nn.Module):
+    """A clip defense over consecutive frames: (T, C, H, W) frames -> one (1, C, T, H, W) clip -> frames.
+
+    Per-frame detectors see a video as a batch of frames; wrapped like this, PatchZero still fuses
+    its mask over them (and an attack through it in BPDA mode sees the same fused mask).
+    """
+
+    def __init__(self, defense: PatchZero) -> None:
+        super().__init__()
+        self.defense = defense
+
+    @property
+    def bpda(self) -> bool:
+        return self.defense.bpda
+
+    @bpda.setter
+    def bpda(self, value: bool) -> None:
+        self.defense.bpda = value
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return self.defense(frames.transpose(0, 1).unsqueeze(0)).squeeze(0).transpose(0, 1)
+
+
 def _size_pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if size is None:
         return None

@@ -36,9 +36,9 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from .attacks import MaskedAttack, patch_mask
+from .attacks import MaskedAttack, MaskedFrameAttack, patch_mask
 from .checkpoints import DEFAULT_DETECTOR, atomic_write_text
-from .data import recipe_clips
+from .data import BoxClips, recipe_clips
 from .detector import load_defense
 from .errors import ConfigError, InputError
 from .models import build_model
@@ -345,8 +345,10 @@ def _record_key(defense: str, attack: str, video: int) -> tuple[str, str, int]:
 class Report:
     """Everything one evaluation produced: settings and one record per (defense, attack, video).
 
-    A record: ``{"defense", "attack", "method", "area", "mode", "video", "name", "label", "pred",
-    "correct", "top5"}`` plus ``"pixels": [tp, fp, fn, tn]`` for PatchZero.
+    A record: ``{"defense", "attack", "method", "area", "mode", "video", "name"}`` and, for a clip
+    classifier, ``"label", "pred", "correct", "top5"``; for a frame detector, ``"frames"`` (its boxes,
+    scores and labels per frame) and ``"targets"`` (the true boxes and labels); plus ``"pixels": [tp,
+    fp, fn, tn]`` for PatchZero.
     """
 
     settings: dict[str, Any]
@@ -362,6 +364,17 @@ class Report:
         if not recs:
             return None
         return sum(r["correct" if k == 1 else "top5"] for r in recs) / len(recs)
+
+    def box_ap(self, defense: str, attack: str) -> dict[str, float] | None:
+        """A frame detector's AP / AP50 / AP75 over every frame of one cell; ``None`` if it was not run."""
+        recs = self.records(defense, attack)
+        if not recs:
+            return None
+        preds = [{k: torch.tensor(v).reshape(-1, 4) if k == "boxes" else torch.tensor(v) for k, v in p.items()}
+                 for r in recs for p in r["frames"]]  # fmt: skip
+        targets = [{k: torch.tensor(v).reshape(-1, 4) if k == "boxes" else torch.tensor(v, dtype=torch.int64) for k, v in g.items()}
+                   for r in recs for g in r["targets"]]  # fmt: skip
+        return detection_ap(preds, targets)
 
     def pixel_counts(self, attacks: Sequence[str]) -> PixelCounts:
         """PatchZero's pixel counts summed over the given attack keys (``"clean"`` for benign clips)."""
@@ -430,7 +443,7 @@ class _SampleLog:
 
 def _video_name(dataset: Any, index: int) -> str:
     """A stable name for a video: its file stem for :class:`~streamguard.data.UCF101Clips`, else its index."""
-    videos = getattr(dataset, "videos", None)
+    videos = getattr(getattr(dataset, "clips", dataset), "videos", None)
     return Path(videos[index][0]).stem if videos is not None else str(index)
 
 
@@ -465,7 +478,7 @@ class _Batch:
     videos: list[int]
     names: list[str]
     x: Tensor  # (N, 3, T, H, W)
-    y: Tensor  # (N,)
+    y: Any  # (N,) labels; frame detectors: N lists of T {"boxes", "labels"} dicts
 
 
 class _Grid:
@@ -516,10 +529,7 @@ class _Grid:
             x_clean, pred_mask = d.sanitize(x, mask=mask.to(self.device))
         else:
             x_clean, pred_mask = d.sanitize(x)
-        logits = self.model(x_clean).float().cpu()
-        top1 = topk_correct(logits, batch.y, 1)
-        top5 = topk_correct(logits, batch.y, 5)
-        preds = logits.argmax(1)
+        outcomes = self.outcomes(x_clean, batch)
         todo = set(self.missing(defense, setting, batch.videos))
         records = []
         for i, v in enumerate(batch.videos):
@@ -533,16 +543,47 @@ class _Grid:
                 "mode": setting.mode,
                 "video": v,
                 "name": batch.names[i],
-                "label": int(batch.y[i]),
-                "pred": int(preds[i]),
-                "correct": bool(top1[i]),
-                "top5": bool(top5[i]),
+                **outcomes[i],
             }
             if defense == "patchzero":
                 counts = PixelCounts.from_masks(pred_mask[i].cpu() > 0.5, mask[i] > 0.5)
                 rec["pixels"] = [counts.tp, counts.fp, counts.fn, counts.tn]
             records.append(rec)
         self.log.append(records)
+
+    def outcomes(self, x_clean: Tensor, batch: _Batch) -> list[dict[str, Any]]:
+        """Per clip: label, prediction, top-1 and top-5 hits of the classifier on sanitized clips."""
+        logits = self.model(x_clean).float().cpu()
+        top1, top5, preds = topk_correct(logits, batch.y, 1), topk_correct(logits, batch.y, 5), logits.argmax(1)
+        return [
+            {"label": int(y), "pred": int(p), "correct": bool(c1), "top5": bool(c5)}
+            for y, p, c1, c5 in zip(batch.y, preds, top1, top5)
+        ]
+
+
+def _box_lists(d: dict[str, Tensor]) -> dict[str, list]:
+    return {k: v.detach().cpu().tolist() for k, v in d.items() if k in ("boxes", "labels", "scores")}
+
+
+class _FrameGrid(_Grid):
+    """The same grid for a per-frame detector: masked PGD on the detector's loss for the true boxes
+    (:class:`~streamguard.attacks.MaskedFrameAttack`), scored by box AP over every frame."""
+
+    def attack(self, setting: AttackSetting, defense: nn.Module | None, batch: _Batch, mask: Tensor, seed: int) -> Tensor:
+        attack = MaskedFrameAttack.from_section(
+            self.model, self.recipe.attack, setting.mode, defense=defense, seed=seed, device=str(self.device)
+        )
+        return torch.from_numpy(attack.generate(batch.x.numpy(), batch.y, mask.numpy()))
+
+    def outcomes(self, x_clean: Tensor, batch: _Batch) -> list[dict[str, Any]]:
+        """Per clip: the detector's boxes on each sanitized frame and the true boxes."""
+        t = x_clean.shape[2]
+        frames = x_clean.transpose(1, 2).flatten(0, 1)
+        preds = [p for start in range(0, len(frames), t) for p in self.model(list(frames[start : start + t]))]
+        return [
+            {"frames": [_box_lists(p) for p in preds[i * t : (i + 1) * t]], "targets": [_box_lists(g) for g in targets]}
+            for i, targets in enumerate(batch.y)
+        ]
 
 
 def _order(n: int, max_videos: int | None, seed: int) -> list[int]:
@@ -580,11 +621,13 @@ def evaluate(
     _check(recipe)
     if model is None:
         model = build_model(recipe.model.name, recipe.model.num_classes, recipe.model.weights)
-    if model.spec.task != "clip":
-        raise ConfigError(f"model.name: evaluation needs a clip classifier, {model.spec.name!r} is a frame detector")
+    frames = model.spec.task == "frame"
+    if frames and set(recipe.attack.methods) != {"pgd"}:
+        raise ConfigError(f"attack.methods: a frame detector is attacked with masked PGD only, got {recipe.attack.methods}")
     model = model.to(device).eval()
     defenses = {name: d.to(device) for name, d in build_defenses(recipe, model, patchzero).items()}
-    dataset = load_dataset(recipe) if dataset is None else dataset
+    if dataset is None:
+        dataset = BoxClips(load_dataset(recipe), class_agnostic=model.spec.num_classes == 2) if frames else load_dataset(recipe)
     videos = _order(len(dataset), recipe.evaluate.max_videos, recipe.data.seed)
     if not videos:
         raise InputError(f"{recipe.data.root}: no test videos")
@@ -600,7 +643,7 @@ def evaluate(
     }
     out = Path(recipe.evaluate.output)
     log = _SampleLog(out / "samples.jsonl", fingerprint, {"fingerprint": fingerprint, "recipe": settings["recipe"]}, resume)
-    runner = _Grid(recipe, model, defenses, log)
+    runner = (_FrameGrid if frames else _Grid)(recipe, model, defenses, log)
     wanted = set(videos)
     total = len(runner.cells) * len(videos)
 
@@ -625,7 +668,8 @@ def evaluate(
 def _load_batch(dataset: Any, videos: list[int]) -> _Batch:
     items = [dataset[v] for v in videos]
     x = torch.stack([torch.as_tensor(c, dtype=torch.float32) for c, _ in items])
-    y = torch.tensor([int(label) for _, label in items])
+    labels = [label for _, label in items]
+    y = labels if isinstance(labels[0], list) else torch.tensor([int(label) for label in labels])
     return _Batch(videos, [_video_name(dataset, v) for v in videos], x, y)
 
 
@@ -681,6 +725,43 @@ def _cell(report: Report, defense: str, attacks: list[str]) -> str:
     return f"{_pct(top1)} ({_pct(top5)})"
 
 
+TABLE3_ROWS = (
+    ("Undefended", "none", None),
+    ("GT Mask", "gt", None),
+    ("PatchZero (DO)", "patchzero", "do"),
+    ("PatchZero (BPDA)", "patchzero", "bpda"),
+)
+
+
+def is_frame_report(report: Report) -> bool:
+    return bool(report.samples) and "frames" in report.samples[0]
+
+
+def table3_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of Table 3 (per-frame detector): box AP / AP50 / AP75, %, per defense and attack."""
+    columns = _attack_columns(report)
+    header = ["Defense", "No attack"] + [name for name, _, _ in columns]
+    rows = []
+    for label, defense, mode in TABLE3_ROWS:
+        if not report.records(defense, CLEAN.key):
+            continue
+        cells = [_ap_cell(report, defense, [CLEAN.key])]
+        for _, method, area in columns:
+            cells.append(_ap_cell(report, defense, [AttackSetting(method, area, m).key for m in ([mode] if mode else MODES)]))
+        if mode and all(c == "–" for c in cells[1:]) and columns:
+            continue
+        rows.append([label, *cells])
+    return header, rows
+
+
+def _ap_cell(report: Report, defense: str, attacks: list[str]) -> str:
+    runs = [ap for a in attacks if (ap := report.box_ap(defense, a)) is not None]
+    if not runs:
+        return "–"
+    worst = min(runs, key=lambda r: r["ap"])
+    return " / ".join(_pct(worst[k]) for k in ("ap", "ap50", "ap75"))
+
+
 def table5a_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     """Header and rows of Table 5a: PatchZero's pixel metrics per attack setting, per mode and on benign clips, %."""
     header = ["Attack", "Precision", "Recall", "Accuracy", "F1", "FPR"]
@@ -718,6 +799,11 @@ def table4(report: Report) -> Table:
     return _rich("Table 4: top-1 (top-5) accuracy, %", *table4_rows(report))
 
 
+def table3(report: Report) -> Table:
+    """Box AP / AP50 / AP75 of the per-frame detector behind each defense, shaped like the paper's Table 3."""
+    return _rich("Table 3: box AP / AP50 / AP75, %", *table3_rows(report))
+
+
 def table5a(report: Report) -> Table:
     """PatchZero's pixel precision, recall, accuracy, F1 and false-positive rate, like the paper's Table 5a."""
     return _rich("Table 5a: PatchZero pixel metrics, %", *table5a_rows(report))
@@ -736,11 +822,15 @@ def save_markdown(report: Report, path: str | os.PathLike[str]) -> Path:
 def report_markdown(report: Report) -> str:
     """Both tables as GitHub markdown, for the README."""
     n = len(report.settings.get("videos", []))
-    parts = [
-        f"**Table 4** — top-1 (top-5) accuracy, % ({report.settings['model']}, {n} videos, seed {report.settings['seed']}; "
-        "baselines: worst of DO/BPDA)\n",
-        markdown_table(*table4_rows(report)),
-    ]
+    where = f"{report.settings['model']}, {n} videos, seed {report.settings['seed']}"
+    if is_frame_report(report):
+        frames = sum(len(r["frames"]) for r in report.records("none", CLEAN.key))
+        parts = [f"**Table 3** — box AP / AP50 / AP75, % ({where}, {frames} frames)\n", markdown_table(*table3_rows(report))]
+    else:
+        parts = [
+            f"**Table 4** — top-1 (top-5) accuracy, % ({where}; baselines: worst of DO/BPDA)\n",
+            markdown_table(*table4_rows(report)),
+        ]
     header, rows = table5a_rows(report)
     if rows:
         parts += ["\n**Table 5a** — PatchZero pixel metrics, %\n", markdown_table(header, rows)]
@@ -765,6 +855,9 @@ __all__ = [
     "load_dataset",
     "build_defenses",
     "evaluate",
+    "table3",
+    "table3_rows",
+    "is_frame_report",
     "table4",
     "table5a",
     "table4_rows",

@@ -372,6 +372,10 @@ def _faster_rcnn(name: str, num_classes: int | None, **kw: Any) -> nn.Module:
     """torchvision Faster R-CNN, random init, no backbone download; ``kw`` go to ``FasterRCNN``."""
     num_classes = num_classes or 91
     model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes, **kw)
+    return _with_frame_spec(model, name, num_classes)
+
+
+def _with_frame_spec(model: nn.Module, name: str, num_classes: int) -> nn.Module:
     t = model.transform
     model.spec = ModelSpec(
         name=name,
@@ -395,6 +399,40 @@ def fasterrcnn_resnet50_fpn(num_classes: int | None = None, **kw: Any) -> nn.Mod
 def fasterrcnn_mobilenet_v3_large_320_fpn(num_classes: int | None = None, **kw: Any) -> nn.Module:
     """The CPU detector (MobileNetV3-Large FPN, 320 px)."""
     return _faster_rcnn("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes, **kw)
+
+
+@register_model("fasterrcnn_mobilenet_v3_small_fpn")
+def fasterrcnn_mobilenet_v3_small_fpn(
+    num_classes: int | None = None, fpn_channels: int = 64, representation: int = 128, **kw: Any
+) -> nn.Module:
+    """A slim torchvision Faster R-CNN for small frames on a CPU (~1.5M parameters, ~6 MB).
+
+    MobileNetV3-Small, an FPN of ``fpn_channels`` over its last two stages (plus max-pool), anchors of
+    16-128 px and a ``representation``-wide box head; the COCO-sized 320 px model's box head alone has
+    12.8M parameters. ``kw`` go to ``FasterRCNN`` (``min_size``, ``max_size``, proposal counts...).
+    """
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    features = torchvision.models.mobilenet_v3_small().features
+    stages = [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)] + [len(features) - 1]
+    returned = stages[-2:]
+    backbone = BackboneWithFPN(
+        features, {str(i): str(k) for k, i in enumerate(returned)}, [features[i].out_channels for i in returned],
+        fpn_channels, extra_blocks=LastLevelMaxPool(),
+    )  # fmt: skip
+    num_classes = num_classes or 91
+    model = FasterRCNN(
+        backbone,
+        rpn_anchor_generator=AnchorGenerator(((16, 32, 64, 128),) * 3, ((0.5, 1.0, 2.0),) * 3),
+        box_head=TwoMLPHead(fpn_channels * 7 * 7, representation),
+        box_predictor=FastRCNNPredictor(representation, num_classes),
+        **{"min_size": 320, "max_size": 320, "rpn_score_thresh": 0.05, **kw},
+    )
+    return _with_frame_spec(model, "fasterrcnn_mobilenet_v3_small_fpn", num_classes)
 
 
 # ---------------------------------------------------------------- building, loading, saving

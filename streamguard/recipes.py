@@ -26,6 +26,7 @@ class ModelSection:
     name: str = "tiny3d"
     weights: str | None = None
     num_classes: int | None = None
+    input_size: int | None = None  # frame detectors: frames are resized to this (Faster R-CNN min/max size)
 
 
 @dataclass
@@ -101,6 +102,15 @@ class ClassifierTrainSection:
 
 
 @dataclass
+class FrameDetectorTrainSection:
+    """The benchmark's per-frame object detector (Faster R-CNN from scratch on SynthMotion's boxes)."""
+
+    steps: int = 1000
+    batch: int = 8
+    lr: float = 1e-3
+
+
+@dataclass
 class TrainSection:
     output: str = "runs/train"
     steps: int = 1000
@@ -117,6 +127,7 @@ class TrainSection:
     eval_videos: int = 16
     seed: int = 0
     classifier: ClassifierTrainSection = field(default_factory=ClassifierTrainSection)
+    frame_detector: FrameDetectorTrainSection = field(default_factory=FrameDetectorTrainSection)
 
 
 @dataclass
@@ -242,6 +253,7 @@ __all__ = [
     "EvaluateSection",
     "TrainSection",
     "ClassifierTrainSection",
+    "FrameDetectorTrainSection",
     "load_recipe",
     "parse_recipe",
     "find_recipe",

@@ -53,3 +53,22 @@ def test_shipped_weights_load_and_match_their_hashes() -> None:
     assert mask.shape == (1, 1, model.spec.clip_len, *model.spec.input_size)
     for entry in manifest.values():
         assert entry["bytes"] < 8_000_000 and entry["command"].startswith("streamguard train")
+
+
+def test_shipped_frame_detector_finds_the_benchmark_object() -> None:
+    import torch
+    from torchvision.ops import box_iou
+
+    from streamguard.data import render_video
+
+    assert {"synth-frcnn", "synth-patchzero-stage1"} <= set(read_manifest())
+    model = load_model("synth-frcnn")
+    assert model.spec.task == "frame" and model.spec.class_names == ("background", "object")
+    frames, boxes, _ = render_video(0, 12345, size=64, frames=8)  # a video no split contains
+    with torch.no_grad():
+        out = model([torch.from_numpy(f).permute(2, 0, 1).float() / 255 for f in frames])
+    hits = [
+        len(det["scores"]) > 0 and box_iou(det["boxes"][det["scores"].argmax()][None], torch.from_numpy(truth)[None]).item() > 0.5
+        for det, truth in zip(out, boxes)
+    ]
+    assert sum(hits) >= 6, hits

@@ -358,5 +358,12 @@ evaluate = {{ defenses = ["none", "gt", "patchzero"], output = "{tmp_path / 'unu
     assert len(report.samples) == 2 * (3 + 3)
     assert all(r["name"].startswith("v_") for r in report.samples)  # SynthMotion video names
     assert "| Undefended |" in (tmp_path / "tables.md").read_text()
+    other = tmp_path / "pz2.pt"
+    save_defense(PatchZero(PSPNet("mobilenet_v3", aux=False, width=0.125), model.spec.mean, dilate=1), other)
+    only = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "only"), "--defenses", "patchzero", "--detector", str(other)])
+    assert only.exit_code == 0, only.output
+    subset = Report.load(tmp_path / "only" / "report.json")
+    assert {r["defense"] for r in subset.samples} == {"patchzero"} and len(subset.samples) == 2 * 2
+    assert subset.settings["recipe"]["defense"]["weights"] == str(other)
     bad = CliRunner().invoke(app, ["evaluate", str(tmp_path / "missing.toml")])
     assert bad.exit_code == 2 and "recipe not found" in bad.output

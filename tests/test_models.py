@@ -45,7 +45,7 @@ class FixedRepaint(nn.Module):
 def test_registry_names_and_unknown_model() -> None:
     names = list_models()
     for name in ("mars", "tiny3d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v2_s", "swin3d_t",
-                 "fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"):
+                 "fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_small_fpn"):
         assert name in names
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
         build_model("nope")
@@ -188,7 +188,7 @@ def test_load_model_by_name_and_bad_refs(tmp_path: Path) -> None:
 
 
 def test_frame_detectors_follow_torchvision_format() -> None:
-    for name in ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn"):
+    for name in ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_small_fpn"):
         model = build_model(name, num_classes=3, **TINY_FRCNN)
         assert model.spec.task == "frame" and model.spec.input_size == (64, 64)
         with torch.no_grad():
@@ -197,6 +197,16 @@ def test_frame_detectors_follow_torchvision_format() -> None:
         for det in out:
             assert det["boxes"].shape[1:] == (4,)
             assert det["labels"].shape == det["scores"].shape == det["boxes"].shape[:1]
+
+
+def test_slim_frame_detector_is_small_and_saves_its_settings(tmp_path: Path) -> None:
+    model = build_model("fasterrcnn_mobilenet_v3_small_fpn", num_classes=2, min_size=96, max_size=96, representation=64)
+    assert count_parameters(model) < 1_500_000 and model.spec.input_size == (96, 96)
+    save_model(model, tmp_path / "slim.pt")
+    again = load_model(tmp_path / "slim.pt")
+    assert again.roi_heads.box_head.fc7.out_features == 64 and again.transform.min_size == (96,)
+    state, reloaded = model.state_dict(), again.state_dict()
+    assert all(torch.equal(state[k], reloaded[k]) for k in state)
 
 
 def test_defended_model_keeps_spec_and_frozen_defense() -> None:
