@@ -173,6 +173,15 @@ def _load_model(ref: str | None, recipe: Recipe | None, device: str) -> Any:
     return model.to(_device(device)).eval()
 
 
+def _pipeline_options(recipe: Recipe | None, clip_len: int | None = None, stride: int | None = None, batch: int = 4) -> dict[str, Any]:
+    """``Pipeline`` settings: the command line's, else the recipe's ``[pipeline]``, else the defaults."""
+    p = recipe.pipeline if recipe is not None else None
+    if p is None:
+        return {"clip_len": clip_len, "stride": stride, "batch": batch}
+    return {"clip_len": clip_len or p.clip_len, "stride": stride or p.stride, "batch": p.batch, "queue": p.queue,
+            "topk": p.topk, "min_score": p.min_score}  # fmt: skip
+
+
 def _load_defense(ref: str | None, recipe: Recipe | None, model: Any, **overrides: Any) -> Any:
     from .checkpoints import DEFAULT_DETECTOR
     from .detector import load_defense
@@ -229,12 +238,10 @@ def sanitize(
     if predictions is not None and net is None:
         raise ConfigError("--predictions needs a downstream model (--model or a recipe)")
     defense = _load_defense(detector, rec, net, threshold=threshold, dilate=dilate)
-    p = rec.pipeline if rec is not None else None
     with open_source(input) as source:
         pipeline = Pipeline(
-            source, defense, net, output=output, predictions=predictions, overlay=overlay,
-            clip_len=clip_len or (p and p.clip_len), stride=stride or (p and p.stride),
-            batch=p.batch if p else 4, queue=p.queue if p else 8, topk=p.topk if p else 5, device=_device(device),
+            source, defense, net, output=output, predictions=predictions, overlay=overlay, device=_device(device),
+            **_pipeline_options(rec, clip_len, stride),
         )
         with _progress(f"sanitize {Path(input).name}", source.frame_count) as on_progress:
             summary = pipeline.run(on_progress=on_progress)
@@ -251,21 +258,23 @@ def watch(
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Give up on a stalled source after this many seconds.")] = 10.0,
     reconnect: Annotated[int, typer.Option("--reconnect", min=0, help="Reopen a stalled, dropped or ended source up to N times in a row (backoff 0.25 s, doubling).")] = 0,
     predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model.")] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", help="Recipe name (e.g. camera) or TOML path.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Sanitize a live stream (newest frames win; Ctrl-C stops and keeps what was recorded)."""
     from .io import ReconnectingSource, open_source
     from .pipeline import Pipeline
 
-    net = _load_model(model, None, device)
-    defense = _load_defense(detector, None, net)
+    rec = _recipe(recipe)
+    net = _load_model(model, rec, device)
+    defense = _load_defense(detector, rec, net)
     if reconnect:
         src = ReconnectingSource(source, attempts=reconnect, timeout=timeout)
     else:
         src = open_source(source, live=True, timeout=timeout)
     with src:
         pipeline = Pipeline(src, defense, net, output=output, predictions=predictions, duration=duration,
-                            batch=1, device=_device(device))
+                            device=_device(device), **_pipeline_options(rec, batch=1))
         with _status_line(f"watch {source}") as on_progress:
             try:
                 summary = pipeline.run(on_progress=on_progress)

@@ -48,6 +48,7 @@ class PipelineSection:
     batch: int = 4
     queue: int = 8
     topk: int = 5
+    min_score: float = 0.5  # frame detectors: boxes reported from this score up
 
 
 @dataclass

@@ -183,3 +183,22 @@ def test_watch_stalled_source_times_out(tmp_path: Path, ckpts: dict[str, Path]) 
                                  "--detector", str(ckpts["none"])])
     one_error_line(result, 5, "no answer within 0.5 s")
     assert time.monotonic() - tic < 4
+
+
+def test_watch_takes_a_recipe(tmp_path: Path, ckpts: dict[str, Path]) -> None:
+    """The camera-style recipe sets the model, the detector and the pipeline of a live run."""
+    recipe = tmp_path / "live.toml"
+    recipe.write_text(
+        f'model = {{ name = "tiny3d", weights = "{ckpts["model"]}" }}\n'
+        f'defense = {{ weights = "{ckpts["all"]}", temporal = "ema" }}\n'
+        "pipeline = { clip_len = 4, stride = 4, batch = 1, queue = 2, topk = 2 }\n"
+    )
+    predictions = tmp_path / "p.jsonl"
+    result = runner.invoke(app, ["watch", "lavfi:testsrc=size=32x32:rate=25", "--duration", "1", "--recipe", str(recipe),
+                                 "--predictions", str(predictions)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    clips = [r for r in lines if "topk" in r]
+    assert clips and all(len(r["topk"]) == 2 for r in clips)  # the recipe's topk; live windows may skip frames
+    bad = runner.invoke(app, ["watch", "lavfi:testsrc", "--recipe", str(tmp_path / "absent.toml")])
+    one_error_line(bad, 2, "recipe not found")
