@@ -481,9 +481,10 @@ def train_frame_detector(
     """Train the recipe's Faster R-CNN from scratch on the object boxes of ``recipe.data``'s frames.
 
     AdamW at ``train.frame_detector.lr`` (warm-up then cosine) on ``train.frame_detector.batch``
-    frames per step, drawn from every frame of the train split, with colour jitter (boxes do not
-    move). One "object" class when ``model.num_classes`` is 2, else the classInd ids. Every
-    ``train.eval_every`` steps: AP / AP50 / AP75 on ``eval_frames`` frames of the test split. Writes
+    frames per step, drawn from the frames of every train clip (``data.clip_len`` centred frames per
+    video), with colour jitter (boxes do not move). One "object" class when ``model.num_classes`` is
+    2, else the classInd ids. Every ``train.eval_every`` steps: AP / AP50 / AP75 on ``eval_frames``
+    frames of the test split. Writes
     ``<train.output>/frame-detector.pt`` (loads with ``load_model``) and its ``.json`` sidecar.
     """
     from .data import BoxClips
