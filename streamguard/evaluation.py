@@ -606,8 +606,8 @@ def evaluate(
     dataset: Any = None,
     device: str | torch.device = "cpu",
 ) -> Report:
-    """Run the recipe's defenses × attacks grid; returns the :class:`Report` and writes it to
-    ``evaluate.output/report.json``.
+    """Run the recipe's defenses × attacks grid on its clip classifier or per-frame detector; returns
+    the :class:`Report` and writes it to ``evaluate.output/report.json``.
 
     Per-sample results are appended to ``evaluate.output/samples.jsonl`` as each cell of a chunk of
     ``attack.batch`` videos completes; with ``resume`` the samples already there are not recomputed.
