@@ -429,6 +429,9 @@ def _frame_size(video_path: Path) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- SynthMotion
 
 
+ROTATION = (5.0, 10.0)  # degrees per frame of the rotate classes (SynthMotion v1)
+
+
 @lru_cache(maxsize=1)
 def _backgrounds() -> tuple[np.ndarray, ...]:
     import skimage.data
@@ -461,8 +464,11 @@ def _linear_path(
     return start + np.outer(np.arange(frames), direction * speed)
 
 
-def _track(name: str, rng: np.random.Generator, frames: int, size: int, radius: float) -> _Track:
-    """The motion that defines class ``name``; ``radius`` bounds the object at scale 1."""
+def _track(
+    name: str, rng: np.random.Generator, frames: int, size: int, radius: float, rotation: tuple[float, float] = ROTATION
+) -> _Track:
+    """The motion that defines class ``name``; ``radius`` bounds the object at scale 1, ``rotation``
+    is the range of the rotate classes' speed in degrees per frame."""
     t = np.arange(frames, dtype=np.float64)
     angle = np.full(frames, rng.uniform(0, 360))
     scale = np.ones(frames)
@@ -478,7 +484,7 @@ def _track(name: str, rng: np.random.Generator, frames: int, size: int, radius: 
         center = _linear_path(rng, lo, hi, frames, rng.choice([-1.0, 1.0], 2) / math.sqrt(2), size)
     elif name.startswith("Rotate"):
         sign = -1 if name == "RotateClockwise" else 1
-        center, angle = steady, angle + sign * rng.uniform(5, 10) * t
+        center, angle = steady, angle + sign * rng.uniform(*rotation) * t
     elif name.startswith("Zoom"):
         ends = zoom if name == "ZoomIn" else zoom[::-1]
         center, scale = steady, np.exp(np.linspace(math.log(ends[0]), math.log(ends[1]), frames))
@@ -572,7 +578,12 @@ def _pan_background(rng: np.random.Generator, frames: int, size: int) -> tuple[C
 
 
 def render_video(
-    class_index: int, seed: int | np.random.SeedSequence, size: int = 112, frames: int = 32, plain: int | None = None
+    class_index: int,
+    seed: int | np.random.SeedSequence,
+    size: int = 112,
+    frames: int = 32,
+    plain: int | None = None,
+    rotation: tuple[float, float] = ROTATION,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Render one SynthMotion video of class ``SYNTH_CLASSES[class_index]``.
 
@@ -587,7 +598,7 @@ def render_video(
     side = int(rng.uniform(0.26, 0.36) * size)
     texture, alpha = _texture(rng, side), _shape_alpha(rng, side)
     sprite = np.dstack([texture * alpha[..., None], alpha])  # premultiplied RGBA
-    track = _track(name, rng, frames, size, radius=side / math.sqrt(2))
+    track = _track(name, rng, frames, size, radius=side / math.sqrt(2), rotation=rotation)
     background, background_name = _pan_background(rng, frames, size)
     video = np.empty((frames, size, size, 3), np.uint8)
     boxes = np.full((frames, 4), -1, np.float32)
@@ -632,10 +643,11 @@ def write_video(path: Path, frames: np.ndarray, fps: int = SYNTH_FPS) -> None:
     os.replace(tmp, path)
 
 
-def _make_one(job: tuple[str, int, int, int, int, int]) -> tuple[str, list[float]]:
+def _make_one(job: tuple[str, int, int, int, int, int, tuple[float, float]]) -> tuple[str, list[float]]:
     """Render, encode and write one video and its box file; returns its name and RGB mean."""
-    root, class_index, group, seed, size, frames = job
-    video, boxes, info = render_video(class_index, np.random.SeedSequence([seed, class_index, group]), size, frames)
+    root, class_index, group, seed, size, frames, rotation = job
+    seq = np.random.SeedSequence([seed, class_index, group])
+    video, boxes, info = render_video(class_index, seq, size, frames, rotation=rotation)
     rel = _video_name(SYNTH_CLASSES[class_index], group)
     path = Path(root) / rel
     write_video(path, video)
@@ -667,13 +679,15 @@ def make_synthmotion(
     test_fraction: float = 0.25,
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    rotation: tuple[float, float] = ROTATION,
 ) -> Path:
     """Generate SynthMotion in UCF101's layout under ``root`` and return ``root``.
 
     ``len(SYNTH_CLASSES)`` classes x ``videos_per_class`` videos (``v_Class_gXX_c01.avi``, group =
     video index), three folds whose test split is a block of ``test_fraction`` of the groups,
     ``<video>.boxes.json`` per video, ``synthmotion.json`` last (its presence marks a complete
-    tree). ``progress(done, total)`` is called after each video.
+    tree). ``progress(done, total)`` is called after each video. ``rotation``: the (low, high)
+    speed of the rotate classes in degrees per frame.
     """
     if videos_per_class < 2:
         raise ConfigError(f"videos_per_class: need at least 2 (one train, one test), got {videos_per_class}")
@@ -683,6 +697,8 @@ def make_synthmotion(
         raise ConfigError(f"frames: expected a positive int, got {frames}")
     if not 0 < test_fraction < 1:
         raise ConfigError(f"test_fraction: expected a value in (0, 1), got {test_fraction}")
+    if len(rotation) != 2 or not 0 < rotation[0] <= rotation[1] <= 45:
+        raise ConfigError(f"rotation: expected [low, high] degrees per frame with 0 < low <= high <= 45, got {rotation}")
     root = Path(root)
     try:
         for name in SYNTH_CLASSES:
@@ -692,7 +708,8 @@ def make_synthmotion(
         raise InputError(f"cannot create {root}: {err}") from None
     started = time.perf_counter()
     groups = range(1, videos_per_class + 1)
-    jobs = [(str(root), c, g, seed, size, frames) for c in range(len(SYNTH_CLASSES)) for g in groups]
+    rotation = (float(rotation[0]), float(rotation[1]))
+    jobs = [(str(root), c, g, seed, size, frames, rotation) for c in range(len(SYNTH_CLASSES)) for g in groups]
     means = []
     with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as pool:
         for done, (_, mean) in enumerate(pool.map(_make_one, jobs), 1):
@@ -708,6 +725,7 @@ def make_synthmotion(
         "videos_per_class": videos_per_class,
         "size": size,
         "frames": frames,
+        "rotation": list(rotation),
         "fps": SYNTH_FPS,
         "test_fraction": test_fraction,
         "test_groups": {f"fold{f}": sorted(_test_groups(videos_per_class, test_count, f)) for f in (1, 2, 3)},
@@ -760,7 +778,8 @@ def recipe_clips(d: DataSection, split: str, *, clip_len: int | None = None, sub
     """
     root = Path(d.root)
     if d.kind == "synthmotion" and not (root / "synthmotion.json").is_file():
-        make_synthmotion(root, d.videos_per_class, d.seed, size=d.size, frames=d.frames, workers=max(1, d.workers))
+        make_synthmotion(root, d.videos_per_class, d.seed, size=d.size, frames=d.frames, workers=max(1, d.workers),
+                         rotation=tuple(d.rotation))  # fmt: skip
     return UCF101Clips(
         root, split=split, fold=d.fold, clip_len=clip_len or d.clip_len, size=d.size, stride=d.stride,
         start="center", subset=subset, seed=d.seed,

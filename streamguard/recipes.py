@@ -64,6 +64,7 @@ class DataSection:
     seed: int = 0
     videos_per_class: int = 12
     frames: int = 32
+    rotation: list[float] = field(default_factory=lambda: [5.0, 10.0])  # SynthMotion rotate classes, degrees/frame
     workers: int = 0
 
 

@@ -306,3 +306,21 @@ def test_recipe_clips_redoes_an_interrupted_synthmotion_tree(tmp_path: Path) -> 
     assert (root / "synthmotion.json").is_file()
     clip, label = clips[0]
     assert tuple(clip.shape) == (3, 4, 32, 32) and 0 <= label < len(clips.classes)
+
+
+def test_rotation_speed_is_a_recorded_setting(tmp_path: Path) -> None:
+    from streamguard.data import recipe_clips
+    from streamguard.recipes import DataSection
+
+    rotate = SYNTH_CLASSES.index("RotateClockwise")
+    _, _, slow = render_video(rotate, seed=5, size=48, frames=6)
+    _, _, fast = render_video(rotate, seed=5, size=48, frames=6, rotation=(20.0, 20.0))
+    assert -10 <= np.diff(slow["angle"]).mean() <= -5 and np.allclose(np.diff(fast["angle"]), -20)
+    moving = SYNTH_CLASSES.index("MoveLeft")  # the other classes draw nothing from it
+    assert render_video(moving, 5, 48, 6)[2] == render_video(moving, 5, 48, 6, rotation=(20.0, 20.0))[2]
+    with pytest.raises(ConfigError, match="rotation"):
+        make_synthmotion(tmp_path / "bad", rotation=(0.0, 10.0))
+
+    d = DataSection(root=str(tmp_path / "fast"), size=32, clip_len=4, frames=4, videos_per_class=2, rotation=[12.0, 20.0])
+    recipe_clips(d, "test")
+    assert json.loads((tmp_path / "fast" / "synthmotion.json").read_text())["rotation"] == [12.0, 20.0]
