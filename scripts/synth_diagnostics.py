@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from streamguard.data import SYNTH_CLASSES, recipe_clips, render_video
 from streamguard.models import load_model
-from streamguard.recipes import load_recipe
+from streamguard.recipes import DataSection, load_recipe
 
 STATIC = 0.3
 
@@ -36,12 +36,12 @@ def recalls(model: torch.nn.Module, ds: object) -> np.ndarray:
     return hits / np.maximum(counts, 1)
 
 
-def frame_change(class_index: int, groups: list[int], seed: int, size: int, frames: int) -> np.ndarray:
+def frame_change(class_index: int, groups: list[int], d: DataSection) -> np.ndarray:
     """Mean absolute change between consecutive frames of each video, on a flat grey background."""
     out = []
     for group in groups:
-        seq = np.random.SeedSequence([seed, class_index, group])
-        video, _, _ = render_video(class_index, seq, size, frames, plain=128)
+        seq = np.random.SeedSequence([d.seed, class_index, group])
+        video, _, _ = render_video(class_index, seq, d.size, d.frames, plain=128, rotation=tuple(d.rotation))
         out.append(np.abs(np.diff(video.astype(np.float32), axis=0)).mean())
     return np.array(out)
 
@@ -61,7 +61,7 @@ def main() -> None:
         table.add_column(column, justify="left" if column == "class" else "right")
     for c, name in enumerate(SYNTH_CLASSES):
         groups = sorted(int(p.stem.split("_g")[1].split("_")[0]) for p, label in ds.videos if label == c)
-        change = frame_change(c, groups, d.seed, d.size, d.frames)
+        change = frame_change(c, groups, d)
         table.add_row(name, f"{100 * recall[c]:.1f}", f"{change.mean():.2f}", f"{100 * (change < STATIC).mean():.0f}")
     Console().print(table)
 
