@@ -358,6 +358,12 @@ def load_boxes(video_path: str | Path) -> tuple[list[np.ndarray], list[np.ndarra
     and ``labels`` (one ``(K,)`` int64 array per frame). Labels are ``classInd`` ids (1..K, the
     :class:`UCF101Clips` label + 1), leaving 0 for the background as torchvision detectors expect.
     """
+    boxes, labels, _ = _read_box_file(video_path)
+    return boxes, labels
+
+
+def _read_box_file(video_path: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Any]]:
+    """:func:`load_boxes` plus the whole parsed file (its ``width``/``height`` when recorded)."""
     path = Path(f"{video_path}.boxes.json")
     if not path.is_file():
         raise InputError(f"missing box file: {path}")
@@ -369,7 +375,7 @@ def load_boxes(video_path: str | Path) -> tuple[list[np.ndarray], list[np.ndarra
         raise InputError(f"{path}: not a valid box file ({err})") from None
     if len(boxes) != len(labels) or any(len(b) != len(lab) for b, lab in zip(boxes, labels)):
         raise InputError(f"{path}: boxes and labels do not match")
-    return boxes, labels
+    return boxes, labels, meta
 
 
 def crop_resize_boxes(boxes: np.ndarray, height: int, width: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -406,8 +412,8 @@ class BoxClips(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         clip, _, indices = self.clips.load(index)
         path = self.clips.videos[index][0]
-        boxes, labels = load_boxes(path)
-        height, width = _frame_size(path)
+        boxes, labels, meta = _read_box_file(path)
+        height, width = _frame_size(path, meta)
         targets = []
         for i in indices:
             b, keep = crop_resize_boxes(boxes[i], height, width, self.clips.size)
@@ -416,9 +422,8 @@ class BoxClips(Dataset):
         return clip, targets
 
 
-def _frame_size(video_path: Path) -> tuple[int, int]:
-    """(height, width) recorded in a box file, else read from the video's header."""
-    meta = json.loads(Path(f"{video_path}.boxes.json").read_text())
+def _frame_size(video_path: Path, meta: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) recorded in a video's box file ``meta``, else read from the video's header."""
     if "height" in meta and "width" in meta:
         return int(meta["height"]), int(meta["width"])
     container, stream = _open_video(Path(video_path))
