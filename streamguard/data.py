@@ -396,12 +396,12 @@ class BoxClips(Dataset):
 
     ``clip``: (3, T, S, S) float32 in [0, 1] as :class:`UCF101Clips` gives it; ``targets``: T dicts
     ``{"boxes": (K, 4) float32 xyxy in clip pixels, "labels": (K,) int64}`` from each video's
-    ``.boxes.json``. ``class_agnostic=True`` labels every object 1 (one "object" class for a
-    detector that sees single frames, which cannot tell motions apart); otherwise the classInd id.
+    ``.boxes.json``. A detector with ``num_classes=2`` (background and "object": single frames
+    cannot tell motions apart) gets label 1 for every object; any other count, the classInd id.
     """
 
-    def __init__(self, clips: UCF101Clips, class_agnostic: bool = True) -> None:
-        self.clips, self.class_agnostic = clips, class_agnostic
+    def __init__(self, clips: UCF101Clips, num_classes: int = 2) -> None:
+        self.clips, self.class_agnostic = clips, num_classes == 2
         for path, _ in clips.videos:
             if not Path(f"{path}.boxes.json").is_file():
                 raise InputError(f"missing box file: {path}.boxes.json")

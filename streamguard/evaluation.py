@@ -627,7 +627,7 @@ def evaluate(
     model = model.to(device).eval()
     defenses = {name: d.to(device) for name, d in build_defenses(recipe, model, patchzero).items()}
     if dataset is None:
-        dataset = BoxClips(load_dataset(recipe), class_agnostic=model.spec.num_classes == 2) if frames else load_dataset(recipe)
+        dataset = BoxClips(load_dataset(recipe), model.spec.num_classes) if frames else load_dataset(recipe)
     videos = _order(len(dataset), recipe.evaluate.max_videos, recipe.data.seed)
     if not videos:
         raise InputError(f"{recipe.data.root}: no test videos")

@@ -484,22 +484,21 @@ def train_frame_detector(
     frames per step, drawn from the frames of every train clip (``data.clip_len`` centred frames per
     video), with colour jitter (boxes do not move). One "object" class when ``model.num_classes`` is
     2, else the classInd ids. Every ``train.eval_every`` steps: AP / AP50 / AP75 on ``eval_frames``
-    frames of the test split. Writes
-    ``<train.output>/frame-detector.pt`` (loads with ``load_model``) and its ``.json`` sidecar.
+    frames of the test split. Writes ``<train.output>/frame-detector.pt`` (loads with
+    ``load_model``) and its ``.json`` sidecar.
     """
     from .data import BoxClips
     from .models import _set_spec, build_model
 
     t, f, dev = recipe.train, recipe.train.frame_detector, _device(device)
     num_classes = recipe.model.num_classes or 2
-    agnostic = num_classes == 2
-    train_set = FrameTargets(BoxClips(_dataset(recipe, "train"), agnostic))
+    train_set = FrameTargets(BoxClips(_dataset(recipe, "train"), num_classes))
     test_clips = _dataset(recipe, "test")
     n_eval = max(1, min(len(test_clips), eval_frames // test_clips.clip_len))
-    test_set = FrameTargets(BoxClips(_dataset(recipe, "test", subset=n_eval), agnostic))
+    test_set = FrameTargets(BoxClips(_dataset(recipe, "test", subset=n_eval), num_classes))
     with _StepRNG(t.seed, dev, 3, 2):
         model = build_model(recipe.model.name, num_classes, **frame_detector_kwargs(recipe)).to(dev)
-    names = ("background", "object") if agnostic else ("background", *test_clips.classes)
+    names = ("background", "object") if num_classes == 2 else ("background", *test_clips.classes)
     _set_spec(model, dataclasses.replace(model.spec, class_names=names))
     optimizer = _adamw(model, f.lr)
     config = _run_config(recipe, model=recipe.model.name, frame_batch=f.batch, frame_lr=f.lr)
@@ -507,11 +506,10 @@ def train_frame_detector(
     _start(run, resume)
 
     def step_fn(step: int) -> dict[str, float]:
-        idx = step_indices(len(train_set), f.batch, t.seed, step, "frames")
-        frames = torch.stack([train_set[int(i)][0] for i in idx])[:, :, None]
+        items = [train_set[int(i)] for i in step_indices(len(train_set), f.batch, t.seed, step, "frames")]
         gen = torch.Generator().manual_seed(_seed_for(t.seed, "augment", step))
-        images = augment_clips(frames, 1, gen)[:, :, 0].to(dev)
-        targets = [{k: v.to(dev) for k, v in train_set[int(i)][1].items()} for i in idx]
+        images = augment_clips(torch.stack([frame for frame, _ in items])[:, :, None], 1, gen)[:, :, 0].to(dev)
+        targets = [{k: v.to(dev) for k, v in target.items()} for _, target in items]
         for group in optimizer.param_groups:
             group["lr"] = _one_cycle(step, f.steps, f.lr)
         model.train()
