@@ -16,20 +16,31 @@ from pathlib import Path
 
 from streamguard.checkpoints import WEIGHTS_DIR, load_checkpoint, sha256_file
 
-SHIPPED = {  # run file -> shipped name
-    "classifier.pt": "synth-tiny3d",
-    "detector-stage1.pt": "synth-patchzero-stage1",
-    "detector-stage2.pt": "synth-patchzero",
-    "frame-detector.pt": "synth-frcnn",
+SHIPPED = {  # recipe that trained it -> run file -> shipped name
+    "synth-clip": {
+        "classifier.pt": "synth-tiny3d",
+        "detector-stage1.pt": "synth-patchzero-stage1",
+        "detector-stage2.pt": "synth-patchzero",
+    },
+    "synth-detect": {"frame-detector.pt": "synth-frcnn"},  # its PatchZero stage 2 is an experiment (README)
 }
+
+
+def _recipe_name(checkpoint: Path) -> str | None:
+    sidecar = checkpoint.with_name(checkpoint.name + ".json")
+    return json.loads(sidecar.read_text()).get("recipe", {}).get("name") if sidecar.is_file() else None
 
 
 def ship(run: Path, weights: Path = WEIGHTS_DIR) -> dict[str, dict]:
     manifest_path = weights / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    for file, name in SHIPPED.items():
+    for file in sorted({f for files in SHIPPED.values() for f in files}):
         src = run / file
         if not src.is_file():
+            continue
+        name = SHIPPED.get(_recipe_name(src) or "", {}).get(file)
+        if name is None:
+            print(f"skipped {src}: not trained by a recipe in {', '.join(SHIPPED)}")
             continue
         dst = weights / f"{name}.pt"
         shutil.copyfile(src, dst)

@@ -34,7 +34,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -69,6 +69,17 @@ SYNTH_CLASSES: tuple[str, ...] = (
     "Shake",
 )
 SYNTH_FPS = 25
+# Label-changing symmetries of SynthMotion: the class each class becomes when a clip is mirrored
+# left-right or played backwards (classes not named keep their label). A training clip and its
+# mirror look alike but differ in label exactly where the class is a direction, which is what the
+# classifier must learn (augmentation ``[train.classifier] symmetries``).
+SYNTH_SYMMETRIES: dict[str, dict[str, str]] = {
+    "hflip": {"MoveLeft": "MoveRight", "RotateClockwise": "RotateCounterClockwise"},
+    "reverse": {"MoveLeft": "MoveRight", "MoveUp": "MoveDown", "RotateClockwise": "RotateCounterClockwise",
+                "ZoomIn": "ZoomOut"},
+}  # fmt: skip
+# UCF101's actions keep their label when mirrored (the usual flip augmentation), not when reversed.
+UCF101_SYMMETRIES: dict[str, dict[str, str]] = {"hflip": {}}
 SYNTH_QSCALE = 3
 
 # name -> (skimage.data function, licence as stated in its docstring / data README)
@@ -775,6 +786,20 @@ class _Serial:
 
 
 
+def symmetry_labels(kind: str, name: str, classes: Sequence[str]) -> list[int]:
+    """``perm[i]``: the label of class ``i`` after symmetry ``name`` (``"hflip"`` or ``"reverse"``) of
+    data set ``kind``; raises :class:`ConfigError` for a symmetry that kind has not got."""
+    table = {"synthmotion": SYNTH_SYMMETRIES, "ucf101": UCF101_SYMMETRIES}.get(kind, {})
+    if name not in table:
+        raise ConfigError(f"symmetry {name!r} is not label-safe for {kind} data (it has: {', '.join(table) or 'none'})")
+    swaps = {**table[name], **{b: a for a, b in table[name].items()}}
+    index = {c: i for i, c in enumerate(classes)}
+    missing = sorted({swaps[c] for c in classes if c in swaps} - index.keys())
+    if missing:
+        raise ConfigError(f"symmetry {name!r} maps classes onto {', '.join(missing)}, which the data set has not got")
+    return [index[swaps.get(c, c)] for c in classes]
+
+
 def recipe_clips(d: DataSection, split: str, *, clip_len: int | None = None, subset: int | None = None) -> UCF101Clips:
     """The clips a recipe's ``[data]`` table names (centered starts).
 
@@ -793,6 +818,8 @@ def recipe_clips(d: DataSection, split: str, *, clip_len: int | None = None, sub
 
 __all__ = [
     "SYNTH_CLASSES",
+    "SYNTH_SYMMETRIES",
+    "symmetry_labels",
     "BACKGROUNDS",
     "UCF101Clips",
     "BoxClips",

@@ -101,6 +101,7 @@ class ClassifierTrainSection:
     batch: int = 16
     lr: float = 3e-3
     shift: int = 4
+    symmetries: list[str] = field(default_factory=list)  # "hflip" / "reverse", with the labels they swap
 
 
 @dataclass
@@ -110,6 +111,8 @@ class FrameDetectorTrainSection:
     steps: int = 1000
     batch: int = 8
     lr: float = 1e-3
+    eval_every: int | None = None  # default: train.eval_every (which PatchZero's stage 2 uses too)
+    checkpoint_every: int | None = None  # default: train.checkpoint_every
 
 
 @dataclass

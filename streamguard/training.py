@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -96,7 +96,19 @@ class _StepBatches:
 
 def _loader(ds: Dataset, batch: int, seed: int, start: int, total: int, salt: str, workers: int) -> Iterator[Any]:
     sampler = _StepBatches(len(ds), batch, seed, start, total, salt)
-    return iter(DataLoader(ds, batch_sampler=sampler, num_workers=workers))
+    collate = _collate_boxes if _has_boxes(ds) else None
+    return iter(DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate))
+
+
+def _has_boxes(ds: Dataset) -> bool:
+    from .data import BoxClips
+
+    return isinstance(ds, BoxClips)
+
+
+def _collate_boxes(items: list[tuple[Tensor, list[dict[str, Tensor]]]]) -> tuple[Tensor, list[list[dict[str, Tensor]]]]:
+    """``BoxClips`` items -> clips ``(B, 3, T, H, W)`` and their per-frame targets (box counts differ)."""
+    return torch.stack([clip for clip, _ in items]), [targets for _, targets in items]
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -258,6 +270,21 @@ def augment_clips(x: Tensor, clip_len: int, gen: torch.Generator, colour: float 
     return x.clamp(0, 1)
 
 
+def mirror_clips(x: Tensor, y: Tensor, labels: Mapping[str, Sequence[int]], gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Apply each label-changing symmetry to half of the ``(B, 3, T, H, W)`` clips, independently.
+
+    ``labels[name][i]`` is class ``i``'s label after symmetry ``name`` (``"hflip"``: mirror left-right,
+    ``"reverse"``: play backwards; :func:`streamguard.data.symmetry_labels`).
+    """
+    x, y = x.clone(), y.clone()
+    for name, perm in labels.items():
+        pick = torch.rand(len(x), generator=gen) < 0.5
+        dim = {"hflip": 4, "reverse": 2}[name]
+        x[pick] = x[pick].flip(dim)
+        y[pick] = torch.as_tensor(perm, dtype=y.dtype)[y[pick]]
+    return x, y
+
+
 class InMemory(Dataset):
     """Caches a clip dataset's items as uint8 on first access (exact: decoded frames are uint8).
 
@@ -361,10 +388,12 @@ def train_classifier(
     appearance instead of learning motion.
 
     AdamW at ``train.lr`` on ``train.batch`` clips per step for ``train.steps`` steps, temporal and
-    colour jitter (:func:`augment_clips`). tiny3d gets the data's clip length, size, mean and std.
+    colour jitter (:func:`augment_clips`), and with ``train.classifier.symmetries`` mirrored or reversed
+    clips with their labels swapped (:func:`mirror_clips`). tiny3d gets the data's clip length, size, mean and std.
     Writes ``<train.output>/classifier.pt`` (``models.save_model``: loads with ``load_model``) and a
     ``.json`` sidecar; the resumable state is ``<train.output>/classifier-state.pt``.
     """
+    from .data import symmetry_labels
     from .models import _set_spec, build_model
 
     t, c, dev = recipe.train, recipe.train.classifier, _device(device)
@@ -383,8 +412,9 @@ def train_classifier(
         model = build_model(recipe.model.name, num_classes, **kw).to(dev)
     if len(train_ds.classes) == num_classes:
         _set_spec(model, dataclasses.replace(model.spec, class_names=tuple(train_ds.classes)))
+    mirror = {name: symmetry_labels(d.kind, name, train_ds.classes) for name in c.symmetries}
     optimizer = _adamw(model, c.lr)
-    config = _run_config(recipe, model=recipe.model.name, synth_train_videos=synth_train_videos)
+    config = _run_config(recipe, model=recipe.model.name, synth_train_videos=synth_train_videos, symmetries=c.symmetries)
     run = _Run(Path(t.output) / "classifier-state.pt", model, optimizer, config)
     _start(run, resume)
     batches = _loader(train_ds, c.batch, t.seed, run.step, c.steps, "classifier", 0 if d.kind == "synthmotion" else d.workers)
@@ -392,7 +422,10 @@ def train_classifier(
     def step_fn(step: int) -> dict[str, float]:
         x, y = next(batches)
         gen = torch.Generator().manual_seed(_seed_for(t.seed, "augment", step))
-        x, y = augment_clips(x, d.clip_len, gen, shift=c.shift).to(dev), y.to(dev)
+        x = augment_clips(x, d.clip_len, gen, shift=c.shift)
+        if mirror:
+            x, y = mirror_clips(x, y, mirror, gen)
+        x, y = x.to(dev), y.to(dev)
         for group in optimizer.param_groups:
             group["lr"] = _one_cycle(step, c.steps, c.lr)
         model.train()
@@ -483,7 +516,8 @@ def train_frame_detector(
     AdamW at ``train.frame_detector.lr`` (warm-up then cosine) on ``train.frame_detector.batch``
     frames per step, drawn from the frames of every train clip (``data.clip_len`` centred frames per
     video), with colour jitter (boxes do not move). One "object" class when ``model.num_classes`` is
-    2, else the classInd ids. Every ``train.eval_every`` steps: AP / AP50 / AP75 on ``eval_frames``
+    2, else the classInd ids. Every ``train.frame_detector.eval_every`` steps (default
+    ``train.eval_every``): AP / AP50 / AP75 on ``eval_frames``
     frames of the test split. Writes ``<train.output>/frame-detector.pt`` (loads with
     ``load_model``) and its ``.json`` sidecar.
     """
@@ -523,7 +557,8 @@ def train_frame_detector(
     def eval_fn(step: int) -> dict[str, float]:
         return frame_ap(model, test_set, recipe.pipeline.batch * 4, dev)
 
-    metrics = _train_loop(run, f.steps, t.seed, dev, step_fn, eval_fn, t.eval_every, t.checkpoint_every, on_progress)
+    every = (f.eval_every or t.eval_every, f.checkpoint_every or t.checkpoint_every)
+    metrics = _train_loop(run, f.steps, t.seed, dev, step_fn, eval_fn, *every, on_progress)
     return _save_downstream(recipe, run, model, metrics, "frame_detector", command)
 
 
@@ -559,9 +594,18 @@ def _attack(
     recipe: Recipe, model: nn.Module, method: str, mode: str, defense: nn.Module | None, seed: int,
     x: Tensor, y: Tensor, mask: np.ndarray, device: torch.device,
 ) -> Tensor:  # fmt: skip
-    """Masked ``method`` in ``mode`` on ``(N, 3, T, H, W)`` clips -> adversarial clips (CPU tensor)."""
-    from .attacks import MaskedAttack
+    """Masked ``method`` in ``mode`` on ``(N, 3, T, H, W)`` clips -> adversarial clips (CPU tensor).
 
+    ``y``: labels ``(N,)``, or for a frame detector N lists of T ``{"boxes", "labels"}`` targets
+    (masked PGD only, :class:`~streamguard.attacks.MaskedFrameAttack`).
+    """
+    from .attacks import MaskedAttack, MaskedFrameAttack
+
+    if model.spec.task == "frame":
+        if method != "pgd":
+            raise ConfigError(f"a frame detector is attacked with masked PGD only, not {method!r}")
+        attack = MaskedFrameAttack.from_section(model, recipe.attack, mode, defense=defense, seed=seed, device=str(device))
+        return torch.from_numpy(attack.generate(x.cpu().numpy(), y, mask))
     attack = MaskedAttack.from_section(model, recipe.attack, method, mode, defense=defense, seed=seed, device=str(device))
     adv = attack.generate(x.cpu().numpy(), y.cpu().numpy(), mask)
     return torch.from_numpy(np.asarray(adv, dtype=np.float32))
@@ -790,6 +834,36 @@ def robust_accuracy(
     return {"clean_acc": clean, "robust_acc": robust}
 
 
+def robust_ap50(
+    recipe: Recipe, model: nn.Module, defense: nn.Module, ds: Any, seed: int, device: torch.device
+) -> dict[str, float]:
+    """:func:`robust_accuracy` for a frame detector: box AP50 over every frame of ``ds``'s clips
+    (``BoxClips``) behind ``defense``, clean and under masked BPDA PGD."""
+    from .evaluation import detection_ap
+
+    items = [ds[i] for i in range(len(ds))]
+    x = torch.stack([clip for clip, _ in items])
+    targets = [t for _, clip_targets in items for t in clip_targets]
+    mask, _ = _masks(recipe, tuple(x.shape[2:]), [_rng(seed, "eval", i) for i in range(len(ds))])
+    defense.eval()
+    adv = _attack(recipe, model, "pgd", "bpda", defense, _seed_for(seed, "eval", len(ds)), x, [c for _, c in items], mask, device)
+
+    @torch.no_grad()
+    def ap50(clips: Tensor) -> float:
+        preds = [p for clip in clips for p in model(list(defense(clip[None].to(device))[0].transpose(0, 1)))]
+        return detection_ap([{k: v.cpu() for k, v in p.items()} for p in preds], targets)["ap50"]
+
+    return {"clean_ap50": ap50(x), "robust_ap50": ap50(adv)}
+
+
+def _task_clips(recipe: Recipe, model: nn.Module, split: str, subset: int | None = None) -> Any:
+    """The recipe's clips for ``model``: ``(clip, label)``, or for a frame detector ``(clip, targets)``."""
+    from .data import BoxClips
+
+    clips = _dataset(recipe, split, subset=subset)
+    return BoxClips(clips, model.spec.num_classes) if model.spec.task == "frame" else clips
+
+
 def _converged(patience: int) -> Callable[[dict[str, Any]], bool]:
     """Stop once robust accuracy has not risen above its best for ``patience`` evaluations in a row:
     the adaptive attack and the detector have reached a stalemate."""
@@ -815,18 +889,24 @@ def train_detector_stage2(
     Each step draws ``train.batch`` training clips; half get a fresh patch (area uniform in
     ``train.area_range``) attacked by masked PGD / AutoPGD (alternating by step) in BPDA mode through
     ``PatchZero(current detector)`` and the frozen downstream model; the detector then takes one Adam
-    step on all of them. Every ``train.eval_every`` steps robust accuracy under BPDA PGD is measured
-    on ``eval_videos`` (default ``train.eval_videos``) test clips; training stops after ``train.patience`` evaluations without a new
-    best, or at ``train.steps``. Writes ``<train.output>/detector-stage2.pt``.
+    step on all of them. Every ``train.eval_every`` steps the robust score under BPDA PGD is measured
+    on ``eval_videos`` (default ``train.eval_videos``) test clips; training stops after
+    ``train.patience`` evaluations without a new best, or at ``train.steps``. Writes
+    ``<train.output>/detector-stage2.pt``.
+
+    The downstream model is the recipe's clip classifier (robust score: top-1, :func:`robust_accuracy`)
+    or per-frame detector (masked PGD on its loss for the true boxes; robust score: box AP50,
+    :func:`robust_ap50`), as the paper trains one PatchZero per task.
     """
     from .detector import load_defense
 
     t, dev = recipe.train, _device(device)
-    train_ds = _dataset(recipe, "train")
+    model = _downstream(recipe, dev)
+    train_ds = _task_clips(recipe, model, "train")
     n_test = len(_dataset(recipe, "test"))
     eval_videos = eval_videos or recipe.train.eval_videos
-    eval_ds = _dataset(recipe, "test", subset=min(eval_videos, recipe.data.subset or eval_videos, n_test))
-    model = _downstream(recipe, dev)
+    eval_ds = _task_clips(recipe, model, "test", subset=min(eval_videos, recipe.data.subset or eval_videos, n_test))
+    robust, score = (robust_ap50, "robust_ap50") if model.spec.task == "frame" else (robust_accuracy, "robust_acc")
     start = load_defense(str(init))
     detector = start.detector.to(dev)
     for p in detector.parameters():
@@ -852,10 +932,10 @@ def train_detector_stage2(
         return _detector_step(detector, optimizer, clips, masks, t.aux_weight)
 
     def eval_fn(step: int) -> dict[str, float]:
-        scores = robust_accuracy(recipe, model, bpda, eval_ds, t.seed, dev)
+        scores = robust(recipe, model, bpda, eval_ds, t.seed, dev)
         best = run.extra.get("best", -1.0)
-        run.extra["stale"] = 0 if scores["robust_acc"] > best else run.extra.get("stale", 0) + 1
-        run.extra["best"] = max(best, scores["robust_acc"])
+        run.extra["stale"] = 0 if scores[score] > best else run.extra.get("stale", 0) + 1
+        run.extra["best"] = max(best, scores[score])
         return scores
 
     metrics = _train_loop(

@@ -8,11 +8,14 @@ import torch
 
 from streamguard.data import (
     SYNTH_CLASSES,
+    SYNTH_SYMMETRIES,
+    _track,
     UCF101Clips,
     load_boxes,
     make_loader,
     make_synthmotion,
     render_video,
+    symmetry_labels,
     write_video,
 )
 from streamguard.errors import ConfigError, InputError
@@ -324,3 +327,36 @@ def test_rotation_speed_is_a_recorded_setting(tmp_path: Path) -> None:
     d = DataSection(root=str(tmp_path / "fast"), size=32, clip_len=4, frames=4, videos_per_class=2, rotation=[12.0, 20.0])
     recipe_clips(d, "test")
     assert json.loads((tmp_path / "fast" / "synthmotion.json").read_text())["rotation"] == [12.0, 20.0]
+
+
+def motion_signature(center: np.ndarray, angle: np.ndarray, scale: np.ndarray) -> tuple[int, ...]:
+    """Signs of the net x, y, angle and scale change over a track (0 when it barely moves)."""
+    net = (center[-1, 0] - center[0, 0], center[-1, 1] - center[0, 1], angle[-1] - angle[0], np.log(scale[-1] / scale[0]))
+    return tuple(int(np.sign(v)) if abs(v) > 1e-3 else 0 for v in net)
+
+
+@pytest.mark.parametrize("symmetry", ["hflip", "reverse"])
+def test_symmetry_table_matches_the_generator(symmetry: str) -> None:
+    """A mirrored / reversed track of each direction class moves like the class the table names."""
+    size, perm = 64, symmetry_labels("synthmotion", symmetry, SYNTH_CLASSES)
+    swapped = {c for pair in SYNTH_SYMMETRIES[symmetry].items() for c in pair}
+    for i, name in enumerate(SYNTH_CLASSES[:8]):  # the classes with one direction each
+        for seed in range(3):
+            t = _track(name, np.random.default_rng(seed), 16, size, radius=8.0)
+            center, angle, scale = t.center.copy(), t.angle.copy(), t.scale.copy()
+            if symmetry == "hflip":  # mirroring x also turns a rotation the other way
+                center[:, 0], angle = size - 1 - center[:, 0], -angle
+            else:
+                center, angle, scale = center[::-1], angle[::-1], scale[::-1]
+            target = _track(SYNTH_CLASSES[perm[i]], np.random.default_rng(seed), 16, size, radius=8.0)
+            assert motion_signature(center, angle, scale) == motion_signature(target.center, target.angle, target.scale)
+        assert (perm[i] != i) == (name in swapped)
+    assert sorted(perm) == list(range(len(SYNTH_CLASSES))) and [perm[p] for p in perm] == list(range(len(perm)))
+
+
+def test_symmetry_labels_refuses_what_is_not_label_safe() -> None:
+    assert symmetry_labels("ucf101", "hflip", ["A", "B"]) == [0, 1]
+    with pytest.raises(ConfigError, match="'reverse' is not label-safe for ucf101"):
+        symmetry_labels("ucf101", "reverse", ["A", "B"])
+    with pytest.raises(ConfigError, match="RotateCounterClockwise"):
+        symmetry_labels("synthmotion", "hflip", ["MoveLeft", "MoveRight", "RotateClockwise"])

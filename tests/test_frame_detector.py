@@ -11,12 +11,12 @@ import torch
 from streamguard.attacks import MaskedFrameAttack, masks_for_batch
 from streamguard.checkpoints import load_checkpoint
 from streamguard.data import BoxClips, UCF101Clips, crop_resize_boxes, make_synthmotion
-from streamguard.detector import FramesAsClip, PatchZero, PSPNet
+from streamguard.detector import FramesAsClip, PatchZero, PSPNet, load_defense, save_defense
 from streamguard.errors import ConfigError, InputError
 from streamguard.evaluation import evaluate, is_frame_report, report_markdown, table3_rows
 from streamguard.models import build_model, load_model
 from streamguard.recipes import Recipe, parse_recipe
-from streamguard.training import train_frame_detector
+from streamguard.training import train_detector_stage2, train_frame_detector
 
 FRCNN = "fasterrcnn_mobilenet_v3_small_fpn"
 
@@ -215,3 +215,31 @@ def test_frame_grid_refuses_autopgd(synth: Path, tmp_path: Path) -> None:
     rec = recipe(tmp_path, synth, attack={"methods": ["apgd"]})
     with pytest.raises(ConfigError, match="masked PGD only"):
         evaluate(rec, patchzero=PatchZero(PSPNet("resnet18", width=0.1, aux=False), mean=(0.5, 0.5, 0.5)))
+
+
+# ---------------------------------------------------------------- PatchZero stage 2 against the frame detector
+
+
+def test_stage2_against_a_frame_detector_trains_on_bpda_patches(
+    frame_report: Any, synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec, _, _ = frame_report
+    torch.manual_seed(0)
+    init = tmp_path / "stage1.pt"
+    save_defense(PatchZero(PSPNet("resnet18", width=0.1, aux=True), mean=(0.485, 0.456, 0.406), dilate=0), init)
+    modes: list[tuple[str, bool]] = []
+    generate = MaskedFrameAttack.generate
+
+    def spy(self: MaskedFrameAttack, *args: Any, **kw: Any) -> np.ndarray:
+        modes.append((self.mode, isinstance(self.defense, PatchZero) and self.defense.bpda))
+        return generate(self, *args, **kw)
+
+    monkeypatch.setattr(MaskedFrameAttack, "generate", spy)
+    over = {"model": {"weights": rec.model.weights}, "train": {"steps": 1, "batch": 2, "lr": 1e-3, "eval_every": 1}}
+    result = train_detector_stage2(recipe(tmp_path, synth, **over), init=init, eval_videos=2)
+    assert modes == [("bpda", True), ("bpda", True)]  # the training step's attack, then the evaluation's
+    assert {"loss", "f1", "clean_ap50", "robust_ap50"} <= result.metrics.keys()
+    assert all(0 <= result.metrics[k] <= 1 for k in ("clean_ap50", "robust_ap50"))
+    before, after = load_checkpoint(init)[0], load_checkpoint(result.path)[0]
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert load_defense(result.path).mean.tolist() == pytest.approx([0.485, 0.456, 0.406])

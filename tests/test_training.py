@@ -13,6 +13,7 @@ from streamguard.recipes import Recipe, parse_recipe
 from streamguard.training import (
     augment_clips,
     build_attack_cache,
+    mirror_clips,
     pixel_scores,
     step_indices,
     top1,
@@ -82,6 +83,21 @@ def test_augment_keeps_motion_direction() -> None:
     assert out.shape == (2, 3, 8, 8, 16) and 0 <= out.min() and out.max() <= 1
     column = out.mean(dim=(1, 3)).argmax(-1)  # (2, 8): the bar's x per frame
     assert (column.diff(dim=1) == 1).all()
+
+
+def test_mirror_clips_swaps_the_labels_of_what_it_mirrors() -> None:
+    clip = torch.zeros(64, 3, 8, 8, 16)
+    for t in range(8):  # a bright bar moving right, in frame t at x = t + 2
+        clip[:, :, t, :, t + 2] = 0.9
+    moving_right, moving_left = 1, 0
+    y = torch.full((64,), moving_right)
+    perm = [1, 0, 2]  # labels 0 <-> 1, like MoveLeft <-> MoveRight
+    out, labels = mirror_clips(clip, y, {"hflip": perm, "reverse": perm}, torch.Generator().manual_seed(0))
+    steps = out.mean(dim=(1, 3)).argmax(-1).diff(dim=1)  # (64, 7): the bar's x step per frame
+    assert ((steps == 1).all(1) == (labels == moving_right)).all()
+    assert ((steps == -1).all(1) == (labels == moving_left)).all()
+    assert 16 < int((labels == moving_left).sum()) < 48  # one symmetry, not both: about half
+    assert not torch.equal(out, clip) and torch.equal(y, torch.full((64,), moving_right))  # inputs kept
 
 
 def test_pixel_scores() -> None:
