@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 
+import cv2
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
-
-import cv2
 
 from streamguard.data import SYNTH_CLASSES, load_boxes, recipe_clips, render_video
 from streamguard.models import load_model

@@ -9,8 +9,8 @@ import torch
 from streamguard.data import (
     SYNTH_CLASSES,
     SYNTH_SYMMETRIES,
-    _track,
     UCF101Clips,
+    _track,
     load_boxes,
     make_loader,
     make_synthmotion,
