@@ -1,12 +1,15 @@
 """Can a small video CNN learn to tell two SynthMotion classes apart, when appearance cannot help?
 
     python scripts/rotation_probe.py [--variant tiny3d] [--steps 400] [--classes RotateClockwise RotateCounterClockwise]
+                                     [--synth-train-videos N]
 
 A binary task on the recipe's clips of two classes: the train clips, each also mirrored and/or
 played backwards with its label swapped (:func:`streamguard.training.mirror_clips`; both classes
 must be one symmetry's pair), so a network that memorizes appearance is at chance. Prints the
 training loss and the test accuracy every 50 steps. Seeded (torch 0), AdamW lr 3e-3 with warm-up
-and cosine decay, batch 32, the classifier's augmentation (shift 4).
+and cosine decay, batch 32, the classifier's augmentation (shift 4). ``--synth-train-videos N`` uses
+the train and test splits of the larger tree that ``streamguard train classifier --synth-train-videos
+N`` trains on (generated when missing).
 
 Variants: ``tiny3d`` (the benchmark classifier), ``tiny3d-notpool`` (no temporal stride in the stem
 pooling), ``tiny3d-nopool`` (no stem pooling), ``tiny3d-diff`` (frame differences as 3 more input
@@ -26,8 +29,8 @@ from torch import Tensor, nn
 
 from streamguard.data import SYNTH_SYMMETRIES, recipe_clips
 from streamguard.models import Tiny3d
-from streamguard.recipes import load_recipe
-from streamguard.training import augment_clips, mirror_clips
+from streamguard.recipes import DataSection, load_recipe
+from streamguard.training import _synth_train_recipe, augment_clips, mirror_clips
 
 
 def _motion_diff(x: Tensor) -> Tensor:
@@ -94,9 +97,9 @@ def build(variant: str) -> nn.Module:
     return net
 
 
-def two_classes(recipe_name: str, split: str, classes: list[str]) -> tuple[Tensor, Tensor]:
+def two_classes(data: DataSection, split: str, classes: list[str]) -> tuple[Tensor, Tensor]:
     """Every clip of the two classes in a split: ``(N, 3, T, H, W)`` in [0, 1] and labels 0 / 1."""
-    ds = recipe_clips(load_recipe(recipe_name).data, split)
+    ds = recipe_clips(data, split)
     ids = [ds.classes.index(c) for c in classes]
     picked = [(i, ids.index(label)) for i, (_, label) in enumerate(ds.videos) if label in ids]
     return torch.stack([ds[i][0] for i, _ in picked]), torch.tensor([y for _, y in picked])
@@ -108,14 +111,16 @@ def main() -> None:
     parser.add_argument("--variant", default="tiny3d")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--classes", nargs=2, default=["RotateClockwise", "RotateCounterClockwise"])
+    parser.add_argument("--synth-train-videos", type=int, default=None, help="use the larger tree of N videos per class")
     args = parser.parse_args()
+    data = _synth_train_recipe(load_recipe(args.recipe), args.synth_train_videos).data
     a, b = args.classes
     symmetries = {name: [1, 0] for name, swaps in SYNTH_SYMMETRIES.items() if swaps.get(a) == b or swaps.get(b) == a}
     if not symmetries:
         raise SystemExit(f"{a} and {b} are no symmetry's pair")
     started = time.time()
-    x_train, y_train = two_classes(args.recipe, "train", args.classes)
-    x_test, y_test = two_classes(args.recipe, "test", args.classes)
+    x_train, y_train = two_classes(data, "train", args.classes)
+    x_test, y_test = two_classes(data, "test", args.classes)
     print(f"{args.variant}: {len(x_train)} train / {len(x_test)} test clips of {a} vs {b}, symmetries {', '.join(symmetries)}")
     torch.manual_seed(0)
     model = build(args.variant)

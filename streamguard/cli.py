@@ -145,7 +145,9 @@ def _summary_rows(summary: Summary) -> dict[str, Any]:
         "clips classified": summary.clips,
         "detections": summary.detections,
         "frames/s": summary.fps,
-        "latency mean / max (s)": f"{summary.latency_mean:.3f} / {summary.latency_max:.3f}",
+        "latency mean / p50 / p95 / max (s)": (
+            f"{summary.latency_mean:.3f} / {summary.latency_p50:.3f} / {summary.latency_p95:.3f} / {summary.latency_max:.3f}"
+        ),
         "wall time (s)": summary.wall_time,
     }
     return rows | summary.outputs

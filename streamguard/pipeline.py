@@ -23,6 +23,7 @@ import dataclasses
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from torch import Tensor
 
 from .errors import StreamGuardError
 from .io import Frame, JsonlSink, VideoSink, VideoSource
+
+LATENCY_WINDOW = 100_000  # frames the summary's latency percentiles cover (about an hour at 25 fps)
 
 _END = object()
 
@@ -87,6 +90,8 @@ class Summary:
     fps: float
     latency_mean: float
     latency_max: float
+    latency_p50: float = 0.0  # over the last LATENCY_WINDOW frames
+    latency_p95: float = 0.0
     stage_busy: dict[str, float] = field(default_factory=dict)  # seconds each stage spent working
     outputs: dict[str, str] = field(default_factory=dict)
 
@@ -200,6 +205,7 @@ class Pipeline:
         self._masked_sum = 0.0
         self._latency_last = 0.0
         self._latency_sum = self._latency_max = 0.0
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.busy = {"decode": 0.0, "defense": 0.0, "model": 0.0, "write": 0.0}
         if hasattr(self.defense, "reset"):
             self.defense.reset()
@@ -436,6 +442,7 @@ class Pipeline:
         self._latency_last = latency
         self._latency_sum += latency
         self._latency_max = max(self._latency_max, latency)
+        self._latencies.append(latency)
         self._masked_sum += item.masked
         self.patched_frames += item.masked > 0
         self.written += 1
@@ -459,6 +466,7 @@ class Pipeline:
     def summary(self) -> Summary:
         n = self.written
         wall = self._wall or time.monotonic() - self._start
+        p50, p95 = np.percentile(self._latencies, (50, 95)).tolist() if self._latencies else (0.0, 0.0)
         return Summary(
             source=self.source.name,
             live=self.live,
@@ -475,6 +483,8 @@ class Pipeline:
             fps=n / wall if wall > 0 else 0.0,
             latency_mean=self._latency_sum / n if n else 0.0,
             latency_max=self._latency_max,
+            latency_p50=p50,
+            latency_p95=p95,
             stage_busy={k: round(v, 4) for k, v in self.busy.items()},
             outputs={k: str(v) for k, v in self.outputs.items()},
         )
