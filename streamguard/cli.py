@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import ConfigError, StreamGuardError
+from .errors import CheckpointError, ConfigError, StreamGuardError
 
 if TYPE_CHECKING:
     from .pipeline import Status, Summary
@@ -505,7 +505,8 @@ def train_cache_command(recipe: TrainRecipeArg, device: TrainDeviceOpt = None) -
 def train_detector_command(
     recipe: TrainRecipeArg,
     stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: cached DO attacks; 2: online BPDA attacks.")] = 1,
-    init: Annotated[Path | None, typer.Option("--init", help="Stage 2's start (default: the run's detector-stage1.pt).")] = None,
+    init: Annotated[str | None, typer.Option("--init",
+        help="Stage 2's start: a checkpoint or shipped name (default: the run's detector-stage1.pt).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Downstream model to attack (overrides model.weights).")] = None,
     resume: ResumeOpt = False,
     steps: StepsOpt = None,
@@ -513,6 +514,7 @@ def train_detector_command(
     device: TrainDeviceOpt = None,
 ) -> None:
     """Train the PatchZero detector; stage 1 first completes the attack cache."""
+    from .checkpoints import get_weights
     from .training import build_attack_cache, train_detector_stage1, train_detector_stage2
 
     rec = _train_recipe(recipe, steps, output)
@@ -524,9 +526,11 @@ def train_detector_command(
         with _train_progress("train detector, stage 1") as on_progress:
             result = train_detector_stage1(rec, on_progress=on_progress, resume=resume, command=_command_line(), device=device)
     else:
-        init = init or Path(rec.train.output) / "detector-stage1.pt"
-        if not init.is_file():
-            raise ConfigError(f"--init: {init} not found (train stage 1 first or pass --init CKPT)")
+        init = init or str(Path(rec.train.output) / "detector-stage1.pt")
+        try:
+            get_weights(init)
+        except CheckpointError:
+            raise ConfigError(f"--init: {init} not found (train stage 1 first, or pass a checkpoint or shipped name)") from None
         with _train_progress("train detector, stage 2") as on_progress:
             result = train_detector_stage2(rec, init, on_progress=on_progress, resume=resume, command=_command_line(),
                                            device=device)  # fmt: skip

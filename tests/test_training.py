@@ -246,3 +246,6 @@ def test_cli_trains_and_reports_errors_on_one_line(tmp_path: Path, synth: Path) 
     assert meta["steps"] == 1 and meta["command"].startswith("streamguard")
     result = runner.invoke(app, ["train", "detector", "--stage", "2", str(toml)])
     assert result.exit_code == 2 and "--init" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["train", "detector", "--stage", "2", str(toml), "--init", "synth-patchzero", "--steps", "0"])
+    assert result.exit_code == 0, result.output  # a shipped name starts it
+    assert load_checkpoint(tmp_path / "run/detector-stage2.pt")[1]["init"] == "synth-patchzero"
