@@ -432,6 +432,11 @@ class BoxClips(Dataset):
             targets.append({"boxes": torch.from_numpy(b), "labels": torch.from_numpy(lab)})
         return clip, targets
 
+    @staticmethod
+    def collate(items: list[tuple[torch.Tensor, list[dict[str, torch.Tensor]]]]) -> tuple[torch.Tensor, list[list[dict[str, torch.Tensor]]]]:
+        """A ``DataLoader`` batch: clips ``(B, 3, T, H, W)`` and their per-frame targets (box counts differ)."""
+        return torch.stack([clip for clip, _ in items]), [targets for _, targets in items]
+
 
 def _frame_size(video_path: Path, meta: dict[str, Any]) -> tuple[int, int]:
     """(height, width) recorded in a video's box file ``meta``, else read from the video's header."""

@@ -96,19 +96,8 @@ class _StepBatches:
 
 def _loader(ds: Dataset, batch: int, seed: int, start: int, total: int, salt: str, workers: int) -> Iterator[Any]:
     sampler = _StepBatches(len(ds), batch, seed, start, total, salt)
-    collate = _collate_boxes if _has_boxes(ds) else None
+    collate = getattr(ds, "collate", None)  # a data set whose items the default cannot batch says how
     return iter(DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate))
-
-
-def _has_boxes(ds: Dataset) -> bool:
-    from .data import BoxClips
-
-    return isinstance(ds, BoxClips)
-
-
-def _collate_boxes(items: list[tuple[Tensor, list[dict[str, Tensor]]]]) -> tuple[Tensor, list[list[dict[str, Tensor]]]]:
-    """``BoxClips`` items -> clips ``(B, 3, T, H, W)`` and their per-frame targets (box counts differ)."""
-    return torch.stack([clip for clip, _ in items]), [targets for _, targets in items]
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -841,12 +830,11 @@ def robust_ap50(
     (``BoxClips``) behind ``defense``, clean and under masked BPDA PGD."""
     from .evaluation import detection_ap
 
-    items = [ds[i] for i in range(len(ds))]
-    x = torch.stack([clip for clip, _ in items])
-    targets = [t for _, clip_targets in items for t in clip_targets]
+    x, clip_targets = ds.collate([ds[i] for i in range(len(ds))])
+    targets = [t for frames in clip_targets for t in frames]
     mask, _ = _masks(recipe, tuple(x.shape[2:]), [_rng(seed, "eval", i) for i in range(len(ds))])
     defense.eval()
-    adv = _attack(recipe, model, "pgd", "bpda", defense, _seed_for(seed, "eval", len(ds)), x, [c for _, c in items], mask, device)
+    adv = _attack(recipe, model, "pgd", "bpda", defense, _seed_for(seed, "eval", len(ds)), x, clip_targets, mask, device)
 
     @torch.no_grad()
     def ap50(clips: Tensor) -> float:

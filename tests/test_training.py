@@ -137,6 +137,32 @@ def test_resume_needs_a_matching_checkpoint(tmp_path: Path, synth: Path) -> None
 
 
 @pytest.mark.slow
+def test_classifier_trains_on_mirrored_clips_with_swapped_labels(
+    tmp_path: Path, synth: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streamguard.training as training
+    from streamguard.data import SYNTH_CLASSES, symmetry_labels
+
+    calls: list[dict[str, list[int]]] = []
+    mirror = training.mirror_clips
+
+    def spy(x: torch.Tensor, y: torch.Tensor, labels: dict[str, list[int]], gen: torch.Generator) -> Any:
+        calls.append(labels)
+        return mirror(x, y, labels, gen)
+
+    monkeypatch.setattr(training, "mirror_clips", spy)
+    tiny = {"widths": TINY3D["widths"]}
+    r = recipe(tmp_path / "mirrored", synth, steps=2, eval_every=10)
+    r.train.classifier.symmetries = ["hflip", "reverse"]
+    mirrored = train_classifier(r, model_kwargs=tiny)
+    expected = {name: symmetry_labels("synthmotion", name, SYNTH_CLASSES) for name in ("hflip", "reverse")}
+    assert calls == [expected, expected]  # every step
+    plain = train_classifier(recipe(tmp_path / "plain", synth, steps=2, eval_every=10), model_kwargs=tiny)
+    assert len(calls) == 2  # no symmetries, no mirroring
+    a, b = state(mirrored.path), state(plain.path)
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
 def test_classifier_learns_above_chance(tmp_path: Path, synth: Path) -> None:
     r = recipe(tmp_path, synth, steps=60, batch=6, lr=3e-3, checkpoint_every=100, eval_every=100)
     result = train_classifier(r, model_kwargs={"widths": (8, 8, 16, 16)})
