@@ -11,10 +11,12 @@ and cosine decay, batch 32, the classifier's augmentation (shift 4). ``--synth-t
 the train and test splits of the larger tree that ``streamguard train classifier --synth-train-videos
 N`` trains on (generated when missing).
 
-Variants: ``tiny3d`` (the benchmark classifier), ``tiny3d-notpool`` (no temporal stride in the stem
+Variants: ``tiny3d`` (the benchmark classifier without its vortex features), ``tiny3d-notpool`` (no temporal stride in the stem
 pooling), ``tiny3d-nopool`` (no stem pooling), ``tiny3d-diff`` (frame differences as 3 more input
 channels), ``tiny3d-energy`` (motion-energy products -I_t I_x, -I_t I_y as 2 more channels, so local
-flow is a first-order input), ``pairs`` (a full-resolution 2D CNN on frame triplets t, t+2, t+4).
+flow is a first-order input), ``pairs`` (a full-resolution 2D CNN on frame triplets t, t+2, t+4),
+``tiny3d-vortex`` (tiny3d with :class:`streamguard.models.VortexPool` features at 2, 3 and 5 px, as
+the shipped classifier).
 """
 
 from __future__ import annotations
@@ -87,12 +89,12 @@ def build(variant: str) -> nn.Module:
     if variant in ("tiny3d-diff", "tiny3d-energy"):
         extra = variant.split("-")[1]
         return ExtraChannels(extra, 3 if extra == "diff" else 2, 4.0)
-    net = Tiny3d(2)
+    net = Tiny3d(2, vortex=(2, 3, 5) if variant == "tiny3d-vortex" else ())
     if variant == "tiny3d-notpool":
         net.stem[3] = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
     elif variant == "tiny3d-nopool":
         net.stem[3] = nn.Identity()
-    elif variant != "tiny3d":
+    elif variant not in ("tiny3d", "tiny3d-vortex"):
         raise SystemExit(f"unknown variant {variant!r}")
     return net
 

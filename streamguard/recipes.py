@@ -102,6 +102,7 @@ class ClassifierTrainSection:
     lr: float = 3e-3
     shift: int = 4
     symmetries: list[str] = field(default_factory=list)  # "hflip" / "reverse", with the labels they swap
+    vortex: list[float] = field(default_factory=list)  # tiny3d: scales (px) of its rotation-sense features
 
 
 @dataclass

@@ -378,7 +378,8 @@ def train_classifier(
 
     AdamW at ``train.lr`` on ``train.batch`` clips per step for ``train.steps`` steps, temporal and
     colour jitter (:func:`augment_clips`), and with ``train.classifier.symmetries`` mirrored or reversed
-    clips with their labels swapped (:func:`mirror_clips`). tiny3d gets the data's clip length, size, mean and std.
+    clips with their labels swapped (:func:`mirror_clips`). tiny3d gets the data's clip length, size, mean and std,
+    and with ``train.classifier.vortex`` its rotation-sense features (:class:`~streamguard.models.VortexPool`).
     Writes ``<train.output>/classifier.pt`` (``models.save_model``: loads with ``load_model``) and a
     ``.json`` sidecar; the resumable state is ``<train.output>/classifier-state.pt``.
     """
@@ -396,6 +397,8 @@ def train_classifier(
     kw: dict[str, Any] = {}
     if recipe.model.name == "tiny3d":
         kw = {"clip_len": recipe.data.clip_len, "size": recipe.data.size, "mean": tuple(train_ds.mean)}
+        if c.vortex:
+            kw["vortex"] = tuple(c.vortex)
     kw.update(model_kwargs or {})
     with _StepRNG(t.seed, dev, 3, 0):
         model = build_model(recipe.model.name, num_classes, **kw).to(dev)
@@ -403,7 +406,9 @@ def train_classifier(
         _set_spec(model, dataclasses.replace(model.spec, class_names=tuple(train_ds.classes)))
     mirror = {name: symmetry_labels(d.kind, name, train_ds.classes) for name in c.symmetries}
     optimizer = _adamw(model, c.lr)
-    config = _run_config(recipe, model=recipe.model.name, synth_train_videos=synth_train_videos, symmetries=c.symmetries)
+    config = _run_config(
+        recipe, model=recipe.model.name, synth_train_videos=synth_train_videos, symmetries=c.symmetries, vortex=c.vortex
+    )
     run = _Run(Path(t.output) / "classifier-state.pt", model, optimizer, config)
     _start(run, resume)
     batches = _loader(train_ds, c.batch, t.seed, run.step, c.steps, "classifier", 0 if d.kind == "synthmotion" else d.workers)

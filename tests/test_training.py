@@ -163,6 +163,14 @@ def test_classifier_trains_on_mirrored_clips_with_swapped_labels(
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
 
+def test_classifier_vortex_setting_builds_tiny3d_with_vortex_features(tmp_path: Path, synth: Path) -> None:
+    r = recipe(tmp_path, synth, steps=1, eval_every=10)
+    r.train.classifier.vortex = [2.0, 3.0]
+    result = train_classifier(r, model_kwargs={"widths": TINY3D["widths"]})
+    assert load_checkpoint(result.path)[1]["kwargs"]["vortex"] == [2.0, 3.0]
+    assert load_model(result.path).net.vortex.kernels.shape[0] == 2
+
+
 def test_classifier_learns_above_chance(tmp_path: Path, synth: Path) -> None:
     r = recipe(tmp_path, synth, steps=60, batch=6, lr=3e-3, checkpoint_every=100, eval_every=100)
     result = train_classifier(r, model_kwargs={"widths": (8, 8, 16, 16)})
