@@ -605,10 +605,21 @@ def _attack(
     return torch.from_numpy(np.asarray(adv, dtype=np.float32))
 
 
+def _model_identity(recipe: Recipe) -> str:
+    """The downstream weights' sha256, so that a model retrained under the same path or name never
+    reuses attacks made against its predecessor; the model's name when it has no weights."""
+    from .checkpoints import get_weights, sha256_file
+
+    if not recipe.model.weights:
+        return recipe.model.name
+    weights = get_weights(recipe.model.weights)
+    return weights.sha256 or sha256_file(weights.path)
+
+
 def _cache_config(recipe: Recipe, n_videos: int) -> dict[str, Any]:
     a, t, d = recipe.attack, recipe.train, recipe.data
     return {
-        "model": recipe.model.weights or recipe.model.name, "data": [d.kind, d.root, d.fold, d.clip_len, d.size],
+        "model": _model_identity(recipe), "data": [d.kind, d.root, d.fold, d.clip_len, d.size],
         "videos": n_videos, "per_video": t.attacked_per_video, "area_range": t.area_range, "methods": _attack_methods(recipe),
         "eps": a.eps, "step": a.step, "iters": a.iters, "moving": a.moving, "seed": t.seed,
     }  # fmt: skip

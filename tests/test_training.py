@@ -208,6 +208,18 @@ def test_attack_cache_resumes_without_corrupt_entries(tmp_path: Path, synth: Pat
         build_attack_cache(recipe(tmp_path, synth, victim, area_range=[0.2, 0.3]))
 
 
+def test_attack_cache_refuses_a_retrained_model_at_the_same_path(tmp_path: Path, synth: Path) -> None:
+    model = tmp_path / "classifier.pt"
+    torch.manual_seed(0)
+    save_model(build_model("tiny3d", 12, **TINY3D), model)
+    r = recipe(tmp_path, synth, model, area_range=[0.05, 0.1], cache_videos=2)
+    build_attack_cache(r)
+    torch.manual_seed(1)
+    save_model(build_model("tiny3d", 12, **TINY3D), model)  # retrained: same path, other weights
+    with pytest.raises(ConfigError, match=r"other settings \(model\)"):
+        build_attack_cache(r)
+
+
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory: pytest.TempPathFactory, synth: Path, victim: Path) -> Path:
     tmp = tmp_path_factory.mktemp("stage1")
