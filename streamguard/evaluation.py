@@ -324,11 +324,23 @@ def video_masks(videos: Sequence[int], shape: tuple[int, int, int], area: float,
     return torch.from_numpy(np.stack(masks)[:, None]).float()
 
 
-def _fingerprint(recipe: Recipe) -> str:
-    """What decides the per-sample results: everything but the output folder and the video count."""
+def _weights_digest(modules: Sequence[nn.Module]) -> str:
+    """sha256 of the modules' parameters and buffers, so that a retrained model or detector behind
+    the same name or path never resumes its predecessor's results."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(recipe: Recipe, modules: Sequence[nn.Module]) -> str:
+    """What decides the per-sample results: the weights and the recipe but its output folder and video count."""
     d = recipe_to_dict(recipe)
     keep = {k: d[k] for k in ("model", "defense", "data", "attack")}
     keep["evaluate"] = {k: v for k, v in d["evaluate"].items() if k not in ("output", "max_videos")}
+    keep["weights"] = _weights_digest(modules)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -632,7 +644,7 @@ def evaluate(
     if not videos:
         raise InputError(f"{recipe.data.root}: no test videos")
 
-    fingerprint = _fingerprint(recipe)
+    fingerprint = _fingerprint(recipe, [model, *defenses.values()])
     settings = {
         "recipe": recipe_to_dict(recipe),
         "fingerprint": fingerprint,

@@ -306,6 +306,17 @@ def test_resume_refuses_other_settings(full: Report, tmp_path: Path) -> None:
     evaluate(recipe, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0]), resume=False)
 
 
+def test_resume_refuses_results_of_other_weights(full: Report, tmp_path: Path) -> None:
+    _run(tmp_path, max_videos=1)
+    retrained = _model()
+    with torch.no_grad():
+        retrained.net.scale.fill_(40.0)  # same recipe, same names: other weights
+    with pytest.raises(ConfigError, match="no-resume"):
+        evaluate(_recipe(tmp_path), model=retrained, patchzero=_patchzero(), dataset=CountingClips([0, 1, 2, 0]))
+    again, _ = _run(tmp_path, max_videos=2)  # the original weights still resume
+    assert len({r["video"] for r in again.samples}) == 2
+
+
 def test_unknown_defense_is_a_config_error(tmp_path: Path) -> None:
     recipe = replace(_recipe(tmp_path), evaluate=EvaluateSection(defenses=["none", "median"], output=str(tmp_path)))
     with pytest.raises(ConfigError, match="evaluate.defenses"):
