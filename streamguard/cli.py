@@ -10,6 +10,7 @@ terminal or ``STREAMGUARD_NO_PROGRESS=1``; summaries go to stdout.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -661,6 +662,7 @@ def demo_command(
     rows: dict[str, Any] = {}
     for r in results:
         rows[f"{r.mode.upper()}: clips restored"] = f"{r.restored()} / {len(r.clean)}"
-        rows[f"{r.mode.upper()}: pixel precision / recall / F1"] = f"{r.pixel_precision:.3f} / {r.pixel_recall:.3f} / {r.pixel_f1:.3f}"
+        scores = (r.pixel_precision, r.pixel_recall, r.pixel_f1)
+        rows[f"{r.mode.upper()}: pixel precision / recall / F1"] = " / ".join("–" if math.isnan(v) else f"{v:.3f}" for v in scores)
         rows[f"{r.mode.upper()}: overlay, strip"] = f"{r.files['overlay']}, {r.files['strip']}"
     out.print(_summary_table(f"PatchZero on the attacked video (files in {out_dir})", rows))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,5 +139,6 @@ def run_demo(
         masked_fraction=float(detected.mean()),
         files={k: str(v) for k, v in files.items()},
     )
-    files["result"].write_text(json.dumps(asdict(demo), indent=2))
+    record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(demo).items()}
+    files["result"].write_text(json.dumps(record, indent=2, allow_nan=False))  # undefined scores are null
     return demo

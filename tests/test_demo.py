@@ -33,6 +33,24 @@ def test_demo_writes_its_files_and_consistent_results(tmp_path: Path, tiny_weigh
     assert 0.0 <= result.masked_fraction <= 1.0
 
 
+def test_demo_writes_strict_json_when_nothing_is_detected(tmp_path: Path, tiny_weights: tuple[Path, Path]) -> None:
+    import torch
+
+    cls, _ = tiny_weights
+    model = load_model(cls)
+    net = PSPNet("mobilenet_v3", width=0.125)
+    with torch.no_grad():
+        net.head[-1].weight.zero_()
+        net.head[-1].bias.fill_(-50.0)  # never fires
+    blind = PatchZero(net, mean=model.spec.mean)
+    save_defense(blind, tmp_path / "blind.pt")
+    result = run_demo(tmp_path / "demo", classifier=str(cls), detector=str(tmp_path / "blind.pt"), iters=1, clips=2, mode="do")
+    assert result.masked_fraction == 0.0 and result.pixel_precision != result.pixel_precision  # 0 / 0
+    text = Path(result.files["result"]).read_text()
+    saved = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the result file"))
+    assert saved["pixel_precision"] is None and saved["pixel_recall"] == 0.0
+
+
 def test_demo_rejects_an_unknown_mode() -> None:
     result = CliRunner().invoke(app, ["demo", "--mode", "cw"])
     assert result.exit_code == 2 and "--mode" in result.output
