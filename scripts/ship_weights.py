@@ -38,9 +38,10 @@ def ship(run: Path, weights: Path = WEIGHTS_DIR) -> dict[str, dict]:
         src = run / file
         if not src.is_file():
             continue
-        name = SHIPPED.get(_recipe_name(src) or "", {}).get(file)
+        recipe = _recipe_name(src)
+        name = SHIPPED.get(recipe or "", {}).get(file)
         if name is None:
-            print(f"skipped {src}: not trained by a recipe in {', '.join(SHIPPED)}")
+            print(f"skipped {src}: recipe {recipe or '?'} ships no {file}")
             continue
         dst = weights / f"{name}.pt"
         shutil.copyfile(src, dst)
