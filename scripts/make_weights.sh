@@ -4,8 +4,8 @@
 # Steps: SynthMotion -> tiny3d classifier -> DO attack cache + PatchZero stage 1 -> stage 2 (BPDA)
 # -> per-frame Faster R-CNN (recipe synth-detect) -> copy into weights/ with manifest entries
 # (scripts/ship_weights.py).
-# The shipped weights: classifier with CLASSIFIER_STEPS=2000 on one H100 (device cuda), detector
-# stages on the CPU (device cpu), everything else as in pipelines/synth-clip.toml.
+# The shipped weights: everything on a 2-core CPU (device cpu), the classifier with CLASSIFIER_STEPS=2000,
+# everything else as in pipelines/synth-clip.toml.
 set -euo pipefail
 RECIPE="${1:-synth-clip}"
 DEVICE="${2:-cpu}"
