@@ -10,7 +10,9 @@ below 0.3 (nearly static to a 64 px network).
 Then whether the test clips carry the rotation sense at all: for each rotate-class clip, the
 rotation about the object's box centre that best aligns each frame with the frame two later (grey
 levels, -30..30 degrees in 3 degree steps, summed over the clip) and how often its sign names the
-class. A classifier that is at chance on these classes fails to learn a signal that is there.
+class. A classifier that is at chance on these classes fails to learn a signal that is there. And
+how often an untrained :class:`streamguard.models.VortexPool` at 5 px (the shipped classifier's
+largest scale) names the sense by its larger peak.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from streamguard.data import SYNTH_CLASSES, load_boxes, recipe_clips, render_video
-from streamguard.models import load_model
+from streamguard.models import VortexPool, load_model
 from streamguard.recipes import DataSection, load_recipe
 
 STATIC = 0.3
@@ -94,6 +96,12 @@ def main() -> None:
         if label in (cw, ccw)
     ]
     console.print(f"rotation sense by frame alignment (no learning): {100 * np.mean(hits):.1f}% of {len(hits)} rotate clips")
+    vortex = VortexPool((5.0,)).eval()
+    with torch.no_grad():
+        peaks = [vortex(((ds[i][0] - 0.5) / 0.25)[None])[0] for i, (_, label) in enumerate(ds.videos) if label in (cw, ccw)]
+    labels = [label for _, label in ds.videos if label in (cw, ccw)]
+    hits = [(p[0] > p[1]).item() == (label == ccw) for p, label in zip(peaks, labels)]
+    console.print(f"rotation sense by an untrained VortexPool at 5 px (no learning): {100 * np.mean(hits):.1f}% of {len(hits)} rotate clips")
 
 
 if __name__ == "__main__":
