@@ -44,7 +44,8 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from streamguard.checkpoints import atomic_write_text
-from streamguard.detector import IMAGENET_MEAN, IMAGENET_STD, PSPNet, PatchZero
+from streamguard.detector import IMAGENET_MEAN, IMAGENET_STD, PSPNet
+from streamguard.patchzero import PatchZero
 from streamguard.models import Normalize, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "defense_speed.json"

@@ -50,7 +50,8 @@ from fuzz_media import (  # noqa: E402
     MALFORMED, FaultyStreamServer, build_case, corrupt, kill_while_writing, mdat_range, truncate, write_video,
 )
 from streamguard.cli import app  # noqa: E402
-from streamguard.detector import PatchZero, PSPNet, save_defense  # noqa: E402
+from streamguard.detector import PSPNet  # noqa: E402
+from streamguard.patchzero import PatchZero, save_defense
 from streamguard.io import open_source  # noqa: E402
 from streamguard.pipeline import Item, Pipeline  # noqa: E402
 
@@ -236,7 +237,7 @@ def _rss_mb() -> float:
 
 def memory(detector: Path, fps: float, minutes: float, output: Path, size: str = "640x480") -> dict[str, Any]:
     """Sanitize ``minutes`` of wall time of video (at the sustained ``fps``) to ``output``, sampling RSS."""
-    from streamguard.detector import load_defense
+    from streamguard.patchzero import load_defense
 
     samples: list[tuple[float, float]] = []
     seconds = fps * minutes * 60 / 25
@@ -261,7 +262,7 @@ class _LatencyPipeline(Pipeline):
 
 
 def overload(detector: Path, fps: float, seconds: float, size: str = "640x480") -> dict[str, Any]:
-    from streamguard.detector import load_defense
+    from streamguard.patchzero import load_defense
 
     rate = max(2, round(2 * fps))
     with open_source(f"lavfi:testsrc2=size={size}:rate={rate},realtime", live=True) as source:
@@ -276,7 +277,7 @@ def overload(detector: Path, fps: float, seconds: float, size: str = "640x480") 
 
 def sustained_fps(detector: Path, clip_len: int, size: str = "640x480", frames: int = 24) -> float:
     """Frames per second the sanitize pipeline sustains (file mode, no output) with ``clip_len``."""
-    from streamguard.detector import load_defense
+    from streamguard.patchzero import load_defense
 
     with open_source(f"lavfi:testsrc2=size={size}:rate=25:duration={frames / 25}") as source:
         return Pipeline(source, load_defense(detector), clip_len=clip_len, batch=1).run().fps

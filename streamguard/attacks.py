@@ -453,8 +453,8 @@ class MaskedFrameAttack:
         """
         from art.attacks.evasion import ProjectedGradientDescent
 
-        from .detector import FramesAsClip
         from .models import to_art
+        from .patchzero import FramesAsClip
 
         x = np.asarray(x)
         if x.ndim != 5 or len(targets) != len(x) or any(len(t) != x.shape[2] for t in targets):

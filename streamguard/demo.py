@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from .attacks import MaskedAttack, attack_video
 from .checkpoints import DEFAULT_CLASSIFIER, DEFAULT_DETECTOR
 from .data import SYNTH_CLASSES, render_video
-from .detector import load_defense
-from .evaluation import PixelCounts
 from .io import VideoSink
+from .metrics import PixelCounts
 from .models import load_model
+from .patchzero import build_defense
 from .pipeline import overlay
 
 
@@ -89,7 +89,7 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model: nn.Module = load_model(classifier).to(device)
-    defense = load_defense(detector, mean=list(model.spec.mean)).to(device)
+    defense = build_defense(weights=detector, mean=model.spec.mean).to(device)
     size, t = model.spec.input_size[0], model.spec.clip_len
     classes = [(video_class + k) % len(SYNTH_CLASSES) for k in range(clips)]
     video = np.concatenate([render_video(c, seed + k, size=size, frames=t)[0] for k, c in enumerate(classes)])

@@ -1,18 +1,16 @@
-"""The PatchZero defense: a PSPNet patch detector, temporal fusion, threshold, dilation, mean repaint.
+"""The patch detector: a PSPNet that maps frames in [0, 1] to per-pixel logits of "adversarial".
 
-``PSPNet`` maps frames in [0, 1] to per-pixel logits of "adversarial"; ``PatchZero`` runs it on
-every frame of a clip, fuses the logits over time, thresholds and dilates them into a mask, and
-repaints the masked pixels with the downstream model's dataset mean. With ``bpda=True`` the mask
-is a straight-through estimator so adaptive (BPDA) attacks can differentiate through the defense.
+Backbones come from one table (:data:`BACKBONE_SPECS`): the paper's dilated ResNet-50, and
+ResNet-18 / MobileNetV3 for CPU and live use. :mod:`streamguard.patchzero` turns the detector
+into the defense.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -21,20 +19,19 @@ from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .checkpoints import Weights, check_state_dict, get_weights, load_checkpoint, save_checkpoint
-from .errors import CheckpointError, ConfigError, InputError
+from .checkpoints import (
+    Weights,
+    check_state_dict,
+    get_weights,
+    load_checkpoint,
+)
+from .errors import ConfigError
 
 Backbone = Literal["resnet50", "resnet18", "mobilenet_v3"]
-Temporal = Literal["mean", "none", "ema"]
 
-BACKBONES: tuple[str, ...] = ("resnet50", "resnet18", "mobilenet_v3")
-TEMPORAL: tuple[str, ...] = ("mean", "none", "ema")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PPM_BINS = (1, 2, 3, 6)
-
-# (pyramid branch, head, aux head) channels at width 1: the paper's ResNet-50 values, lighter for CPU.
-_HEAD_CHANNELS = {"resnet50": (512, 512, 256), "resnet18": (128, 128, 64), "mobilenet_v3": (64, 128, 64)}
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -82,13 +79,7 @@ def _load_pretrained_(net: nn.Module, path: str | os.PathLike[str], skip: str) -
     net.load_state_dict(state_dict, strict=False)
 
 
-def _resnet(name: str, width: float, pretrained: str | os.PathLike[str] | None) -> tuple[nn.Module, nn.Module]:
-    if name == "resnet50":
-        net = _ScaledResNet(Bottleneck, [3, 4, 6, 3], width, replace_stride_with_dilation=[False, True, True])
-    else:  # BasicBlock refuses torchvision's dilation flag: dilate layer3/4 by hand
-        net = _ScaledResNet(BasicBlock, [2, 2, 2, 2], width)
-        _remove_stride_(net.layer3, 2)
-        _remove_stride_(net.layer4, 4)
+def _resnet_stages(net: nn.Module, pretrained: str | os.PathLike[str] | None) -> tuple[nn.Module, nn.Module]:
     if pretrained is not None:
         _load_pretrained_(net, pretrained, "fc.")
     names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
@@ -96,7 +87,19 @@ def _resnet(name: str, width: float, pretrained: str | os.PathLike[str] | None) 
     return low, nn.Sequential(OrderedDict(layer4=net.layer4))
 
 
-def _mobilenet(width: float, pretrained: str | os.PathLike[str] | None) -> tuple[nn.Module, nn.Module]:
+def _resnet50(width: float, pretrained: str | os.PathLike[str] | None) -> tuple[nn.Module, nn.Module]:
+    net = _ScaledResNet(Bottleneck, [3, 4, 6, 3], width, replace_stride_with_dilation=[False, True, True])
+    return _resnet_stages(net, pretrained)
+
+
+def _resnet18(width: float, pretrained: str | os.PathLike[str] | None) -> tuple[nn.Module, nn.Module]:
+    net = _ScaledResNet(BasicBlock, [2, 2, 2, 2], width)  # BasicBlock refuses torchvision's dilation flag
+    _remove_stride_(net.layer3, 2)
+    _remove_stride_(net.layer4, 4)
+    return _resnet_stages(net, pretrained)
+
+
+def _mobilenet_v3(width: float, pretrained: str | os.PathLike[str] | None) -> tuple[nn.Module, nn.Module]:
     net = mobilenet_v3_large(weights=None, width_mult=width)
     if pretrained is not None:
         _load_pretrained_(net, pretrained, "classifier.")
@@ -105,6 +108,25 @@ def _mobilenet(width: float, pretrained: str | os.PathLike[str] | None) -> tuple
     _remove_stride_(net.features[s16:s32], 2)
     _remove_stride_(net.features[s32:], 4)
     return net.features[:s32], net.features[s32:]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one detector backbone at output stride 8: ``build(width, pretrained) -> (low, high)``
+    (``low`` ends at the layer3-equivalent features the aux head reads) and the (pyramid branch,
+    head, aux head) channels at width 1."""
+
+    build: Callable[[float, str | os.PathLike[str] | None], tuple[nn.Module, nn.Module]]
+    heads: tuple[int, int, int]
+
+
+# The paper's ResNet-50 head widths, lighter ones for the CPU backbones.
+BACKBONE_SPECS: dict[str, BackboneSpec] = {
+    "resnet50": BackboneSpec(_resnet50, (512, 512, 256)),
+    "resnet18": BackboneSpec(_resnet18, (128, 128, 64)),
+    "mobilenet_v3": BackboneSpec(_mobilenet_v3, (64, 128, 64)),
+}
+BACKBONES: tuple[str, ...] = tuple(BACKBONE_SPECS)
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -157,11 +179,9 @@ class PSPNet(nn.Module):
         if not width > 0:
             raise ConfigError(f"detector width must be > 0, got {width}")
         self.backbone, self.width, self.aux = backbone, float(width), aux
-        if backbone == "mobilenet_v3":
-            self.low, self.high = _mobilenet(width, pretrained_backbone)
-        else:
-            self.low, self.high = _resnet(backbone, width, pretrained_backbone)
-        branch, head, aux_head = (_scale(c, width) for c in _HEAD_CHANNELS[backbone])
+        spec = BACKBONE_SPECS[backbone]
+        self.low, self.high = spec.build(width, pretrained_backbone)
+        branch, head, aux_head = (_scale(c, width) for c in spec.heads)
         feat = _out_channels(self.high)
         self.ppm = PyramidPooling(feat, branch)
         self.head = nn.Sequential(
@@ -217,293 +237,6 @@ def detector_loss(
     return loss
 
 
-# ----------------------------------------------------------------------------- PatchZero
-
-
-def dilate_mask(mask: Tensor, radius: int) -> Tensor:
-    """Binary dilation with a (2r+1)x(2r+1) square over the last two dims; same as ``cv2.dilate``.
-
-    A max-pool, so it runs on any device and inside autograd. ``mask``: (..., H, W).
-    """
-    if radius <= 0:
-        return mask
-    shape = mask.shape
-    flat = mask.reshape(-1, 1, *shape[-2:])
-    return F.max_pool2d(flat, 2 * radius + 1, stride=1, padding=radius).reshape(shape)
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the hard mask exactly. Backward: the gradient goes to the soft mask."""
-
-    @staticmethod
-    def forward(ctx: Any, hard: Tensor, soft: Tensor) -> Tensor:
-        return hard.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
-        return None, grad
-
-
-class PatchZero(nn.Module):
-    """Detect adversarial patches and repaint them with the dataset mean: ``x' = x*(1-m) + mean*m``.
-
-    Input: clips (N,C,T,H,W) or frames (N,C,H,W) in [0,1]; frames are clips with T=1.
-    ``temporal``: "mean" averages the detector's logits over the T frames of each clip (a patch
-    that evades detection in some frames is still caught, and the mask does not flicker);
-    "ema" additionally keeps an exponential moving average of those fused logits across calls,
-    ``s <- ema*s + (1-ema)*fused`` per batch index (for live streams; every call advances it,
-    ``reset()`` clears it, a change of shape restarts it); "none" masks each frame on its own.
-    The mask is ``sigmoid(logit) > threshold`` dilated by ``dilate`` pixels.
-
-    BPDA: with ``bpda=True`` the forward mask is still exactly the hard mask, but its backward
-    is that of the soft mask ``dilate(sigmoid((logit - logit(threshold)) / temperature))``.
-    ``temperature=4`` keeps the sigmoid's slope within ~4x of its peak over logits in [-10, 10]
-    (a trained detector's range) instead of vanishing like e^-|logit|, so attacks get a usable
-    signal from confidently detected patch pixels. With ``bpda=False`` no gradient flows
-    through the mask (only through ``x*(1-m)``) and the detector runs without autograd.
-    """
-
-    def __init__(
-        self,
-        detector: nn.Module,
-        mean: Sequence[float] | Tensor,
-        threshold: float = 0.5,
-        dilate: int = 3,
-        temporal: Temporal = "mean",
-        ema: float = 0.5,
-        input_size: int | Sequence[int] | None = None,
-        bpda: bool = False,
-        temperature: float = 4.0,
-    ) -> None:
-        super().__init__()
-        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        if mean.numel() != 3:
-            raise ConfigError(f"defense mean must have 3 values (one per RGB channel), got {mean.numel()}")
-        if not 0 < threshold < 1:
-            raise ConfigError(f"defense.threshold must be in (0, 1), got {threshold}")
-        if dilate < 0:
-            raise ConfigError(f"defense.dilate must be >= 0, got {dilate}")
-        if temporal not in TEMPORAL:
-            raise ConfigError(f"defense.temporal must be one of {', '.join(TEMPORAL)}, got {temporal!r}")
-        if not 0 <= ema < 1:
-            raise ConfigError(f"defense.ema must be in [0, 1), got {ema}")
-        if not temperature > 0:
-            raise ConfigError(f"BPDA temperature must be > 0, got {temperature}")
-        self.detector = detector
-        self.threshold, self.dilate, self.temporal, self.ema = float(threshold), int(dilate), temporal, float(ema)
-        self.input_size = _size_pair(input_size)
-        self.bpda, self.temperature = bpda, float(temperature)
-        self.register_buffer("mean", mean, persistent=False)
-        self._state: Tensor | None = None
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """Everything needed to rebuild this defense, JSON-able (stored in checkpoints)."""
-        meta: dict[str, Any] = {
-            "input_size": list(self.input_size) if self.input_size else None,
-            "threshold": self.threshold,
-            "dilate": self.dilate,
-            "temporal": self.temporal,
-            "ema": self.ema,
-            "mean": [float(v) for v in self.mean.tolist()],
-            "temperature": self.temperature,
-        }
-        if isinstance(self.detector, PSPNet):
-            meta.update(backbone=self.detector.backbone, width=self.detector.width, aux=self.detector.aux)
-        return meta
-
-    def reset(self) -> None:
-        """Forget the EMA state (call between videos/streams)."""
-        self._state = None
-
-    @contextmanager
-    def bpda_mode(self, enabled: bool = True) -> Iterator[PatchZero]:
-        """Temporarily switch the straight-through (BPDA) mask on or off."""
-        previous, self.bpda = self.bpda, enabled
-        try:
-            yield self
-        finally:
-            self.bpda = previous
-
-    def logits(self, x: Tensor) -> Tensor:
-        """Fused detector logits: (N,1,T,H,W) for clips, (N,1,H,W) for frames."""
-        clips, frames = _as_clips(x)
-        return _restore(self._fused_logits(clips), frames)
-
-    def probabilities(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.logits(x))
-
-    @torch.no_grad()
-    def mask(self, x: Tensor) -> Tensor:
-        """Binary mask, 1 = adversarial pixel: (N,1,T,H,W) for clips, (N,1,H,W) for frames."""
-        return self._hard_mask(self.logits(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Sanitized input, same shape as ``x``."""
-        clips, frames = _as_clips(x)
-        if self.bpda:
-            logits = self._fused_logits(clips)
-            with torch.no_grad():
-                hard = self._hard_mask(logits)
-            mask = _StraightThrough.apply(hard, self._soft_mask(logits))
-        else:
-            with torch.no_grad():
-                mask = self._hard_mask(self._fused_logits(clips))
-        return _restore(self._repaint(clips, mask), frames)
-
-    @torch.no_grad()
-    def sanitize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x_clean, mask)`` with shapes as ``x`` and its mask, without autograd."""
-        clips, frames = _as_clips(x)
-        mask = self._hard_mask(self._fused_logits(clips))
-        return _restore(self._repaint(clips, mask), frames), _restore(mask, frames)
-
-    def _frame_logits(self, clips: Tensor) -> Tensor:
-        """Detector on all N*T frames, at ``input_size`` if set: (N,C,T,H,W) -> (N,1,T,H,W)."""
-        n, c, t, h, w = clips.shape
-        frames = clips.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
-        if self.input_size and self.input_size != (h, w):
-            frames = F.interpolate(frames, self.input_size, mode="bilinear", align_corners=False, antialias=True)
-        out = self.detector(frames)
-        out = out[0] if isinstance(out, tuple) else out
-        if out.shape[-2:] != (h, w):
-            out = F.interpolate(out, (h, w), mode="bilinear", align_corners=False)
-        return out.reshape(n, t, 1, h, w).permute(0, 2, 1, 3, 4)
-
-    def _fused_logits(self, clips: Tensor) -> Tensor:
-        logits = self._frame_logits(clips)
-        if self.temporal == "none":
-            return logits
-        fused = logits.mean(dim=2, keepdim=True)
-        if self.temporal == "ema":
-            if self._state is not None and self._state.shape == fused.shape:
-                fused = self.ema * self._state.to(fused) + (1 - self.ema) * fused
-            self._state = fused.detach()
-        return fused.expand_as(logits)
-
-    def _hard_mask(self, logits: Tensor) -> Tensor:
-        return dilate_mask((torch.sigmoid(logits) > self.threshold).to(logits.dtype), self.dilate)
-
-    def _soft_mask(self, logits: Tensor) -> Tensor:
-        center = math.log(self.threshold / (1 - self.threshold))
-        return dilate_mask(torch.sigmoid((logits - center) / self.temperature), self.dilate)
-
-    def _repaint(self, clips: Tensor, mask: Tensor) -> Tensor:
-        mean = self.mean.to(clips.dtype).view(1, -1, 1, 1, 1)
-        return clips * (1 - mask) + mean * mask
-
-
-class FramesAsClip(nn.Module):
-    """A clip defense over consecutive frames: (T, C, H, W) frames -> one (1, C, T, H, W) clip -> frames.
-
-    Per-frame detectors see a video as a batch of frames; wrapped like this, PatchZero still fuses
-    its mask over them (and an attack through it in BPDA mode sees the same fused mask).
-    """
-
-    def __init__(self, defense: PatchZero) -> None:
-        super().__init__()
-        self.defense = defense
-
-    @property
-    def bpda(self) -> bool:
-        return self.defense.bpda
-
-    @bpda.setter
-    def bpda(self, value: bool) -> None:
-        self.defense.bpda = value
-
-    def forward(self, frames: Tensor) -> Tensor:
-        return self.defense(frames.transpose(0, 1).unsqueeze(0)).squeeze(0).transpose(0, 1)
-
-
-def _size_pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    pair = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ConfigError(f"defense input_size must be an int or (H, W) of positive ints, got {size!r}")
-    return pair  # type: ignore[return-value]
-
-
-def _as_clips(x: Tensor) -> tuple[Tensor, bool]:
-    if x.dim() not in (4, 5) or x.shape[1] != 3:
-        raise InputError(f"PatchZero expects (N,3,T,H,W) clips or (N,3,H,W) frames, got shape {tuple(x.shape)}")
-    return (x.unsqueeze(2), True) if x.dim() == 4 else (x, False)
-
-
-def _restore(t: Tensor, frames: bool) -> Tensor:
-    return t.squeeze(2) if frames else t
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-_DETECTOR_KEYS = ("backbone", "width", "aux")
-_DEFENSE_KEYS = ("mean", "threshold", "dilate", "temporal", "ema", "input_size", "bpda", "temperature")
-
-
 def load_state_dict_checked(module: nn.Module, state_dict: dict[str, Tensor], where: str) -> None:
     check_state_dict(module.state_dict(), state_dict, f"{where} does not match the network")
     module.load_state_dict(state_dict)
-
-
-def save_defense(defense: PatchZero, path: str | os.PathLike[str], **extra_meta: Any) -> str:
-    """Save the detector's weights with the defense's ``meta`` (plus ``extra_meta``); returns the sha256."""
-    if not isinstance(defense.detector, PSPNet):
-        raise ConfigError(f"save_defense needs a PSPNet detector, got {type(defense.detector).__name__}")
-    state_dict = {k: v.detach().cpu() for k, v in defense.detector.state_dict().items()}
-    return save_checkpoint(path, state_dict, {"kind": "patchzero", **defense.meta, **extra_meta})
-
-
-def load_defense(ref: str | os.PathLike[str] | Weights, **overrides: Any) -> PatchZero:
-    """Rebuild a :class:`PatchZero` (in eval mode) from a shipped name, a path or :class:`Weights`.
-
-    ``overrides`` replace meta values (``threshold=0.3``, ``temporal="none"``...); ``None`` means
-    "keep the checkpoint's value". A state dict that does not fit the rebuilt network raises
-    :class:`CheckpointError` naming the offending keys.
-    """
-    unknown = sorted(set(overrides) - set(_DETECTOR_KEYS) - set(_DEFENSE_KEYS))
-    if unknown:
-        raise ConfigError(f"load_defense: unknown option(s) {', '.join(unknown)}")
-    weights = get_weights(ref)
-    state_dict, saved = weights.load()
-    meta = {**saved, **{k: v for k, v in overrides.items() if v is not None}}
-    if "backbone" not in meta:
-        raise CheckpointError(f"{weights.path}: no 'backbone' in its metadata; pass backbone=... to load it")
-    if "mean" not in meta:
-        raise CheckpointError(f"{weights.path}: no 'mean' in its metadata; pass mean=... (the model's dataset mean)")
-    aux = meta.get("aux", any(k.startswith("aux_head.") for k in state_dict))
-    detector = PSPNet(meta["backbone"], aux=aux, width=meta.get("width", 1.0))
-    built = f"{meta['backbone']} width {detector.width:g}"
-    stored = f"{saved.get('backbone', '?')} width {float(saved.get('width', 1.0)):g}" if saved else "no metadata"
-    load_state_dict_checked(detector, state_dict, f"checkpoint {weights.path} (saved: {stored}; built: {built})")
-    defense = PatchZero(detector, **{k: meta[k] for k in _DEFENSE_KEYS if k in meta})
-    return defense.eval()
-
-
-def art_preprocessor(defense: PatchZero, bpda: bool = True, apply_fit: bool = False) -> Any:
-    """PatchZero as an ART preprocessing defence, to put in front of any ART estimator.
-
-    ``PyTorchClassifier(..., preprocessing_defences=[art_preprocessor(defense)])`` sanitizes every
-    input the estimator sees; with ``bpda=True`` ART's gradients flow through the defense's
-    straight-through mask (hard threshold forward, sigmoid backward), so ART attacks on that
-    estimator are adaptive BPDA attacks.
-    """
-    from art.defences.preprocessor.preprocessor import PreprocessorPyTorch
-
-    class PatchZeroPreprocessor(PreprocessorPyTorch):
-        def __init__(self) -> None:
-            device = next(iter(defense.parameters()), torch.empty(0)).device
-            super().__init__(device_type="gpu" if device.type == "cuda" else "cpu", is_fitted=True,
-                             apply_fit=apply_fit, apply_predict=True)  # fmt: skip
-            self.defense = defense
-
-        def forward(self, x: Tensor, y: Any = None) -> tuple[Tensor, Any]:
-            previous = self.defense.bpda
-            self.defense.bpda = bpda
-            try:
-                return self.defense(x), y
-            finally:
-                self.defense.bpda = previous
-
-    return PatchZeroPreprocessor()

@@ -506,7 +506,7 @@ def load_state(model: nn.Module, state_dict: Mapping[str, Tensor], source: str =
     _network(model).load_state_dict(state)
 
 
-def _set_spec(model: nn.Module, spec: ModelSpec) -> None:
+def set_spec(model: nn.Module, spec: ModelSpec) -> None:
     if isinstance(model, ClipClassifier):
         model.set_spec(spec)
     else:
@@ -553,7 +553,7 @@ def _build(
     if state is not None:
         load_state(model, state, source=f"checkpoint {source}")
     if spec is not None:
-        _set_spec(model, spec)
+        set_spec(model, spec)
     return model.eval()
 
 

@@ -3,10 +3,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from streamguard.attacks import PRESETS, MaskedAttack, as_mask, masks_for_batch, patch_mask
-from streamguard.detector import PatchZero
+from streamguard.attacks import (
+    PRESETS,
+    MaskedAttack,
+    as_mask,
+    masks_for_batch,
+    patch_mask,
+)
 from streamguard.errors import ConfigError
 from streamguard.models import ModelSpec, tiny3d
+from streamguard.patchzero import PatchZero
 
 SHAPE = (8, 32, 32)  # T, H, W
 
@@ -261,8 +267,9 @@ SOURCE = "lavfi:testsrc=size=64x48:rate=8:duration=1.25"  # 10 frames
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from streamguard.detector import PSPNet, save_defense
+    from streamguard.detector import PSPNet
     from streamguard.models import build_model, save_model
+    from streamguard.patchzero import save_defense
 
     root = tmp_path_factory.mktemp("attack-ckpt")
     model = build_model("tiny3d", num_classes=3, widths=(4, 4, 4, 4), clip_len=4, size=16)

@@ -10,7 +10,6 @@ from streamguard.data import (
     SYNTH_CLASSES,
     SYNTH_SYMMETRIES,
     UCF101Clips,
-    _track,
     load_boxes,
     make_loader,
     make_synthmotion,
@@ -18,6 +17,7 @@ from streamguard.data import (
     symmetry_labels,
     write_video,
 )
+from streamguard.data.synthmotion import _track
 from streamguard.errors import ConfigError, InputError
 
 FRAMES = 10  # frames per video in the hand-made UCF101 tree

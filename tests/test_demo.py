@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 from streamguard.checkpoints import read_manifest
 from streamguard.cli import app
 from streamguard.demo import run_demo
-from streamguard.detector import PatchZero, PSPNet, load_defense, save_defense
+from streamguard.detector import PSPNet
 from streamguard.models import build_model, load_model, save_model
+from streamguard.patchzero import PatchZero, load_defense, save_defense
 
 
 @pytest.fixture

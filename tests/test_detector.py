@@ -12,16 +12,9 @@ from torchvision.models import resnet18
 
 import streamguard.checkpoints as checkpoints
 from streamguard.checkpoints import Weights
-from streamguard.detector import (
-    PSPNet,
-    PatchZero,
-    build_detector,
-    detector_loss,
-    dilate_mask,
-    load_defense,
-    save_defense,
-)
+from streamguard.detector import PSPNet, build_detector, detector_loss
 from streamguard.errors import CheckpointError, ConfigError, InputError
+from streamguard.patchzero import PatchZero, dilate_mask, load_defense, save_defense
 
 MEAN = (0.4, 0.5, 0.6)
 
@@ -360,7 +353,7 @@ def test_bare_state_dict_needs_backbone(tmp_path: Path) -> None:
 def test_art_preprocessor_sanitizes_and_passes_bpda_gradients() -> None:
     from art.estimators.classification import PyTorchClassifier
 
-    from streamguard.detector import art_preprocessor
+    from streamguard.patchzero import art_preprocessor
 
     torch.manual_seed(0)
     defense = PatchZero(PSPNet("mobilenet_v3", width=0.125), mean=(0.5, 0.5, 0.5), dilate=0, temporal="none").eval()

@@ -10,28 +10,28 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from streamguard.detector import PatchZero
-from streamguard.errors import ConfigError, InputError
-from streamguard.evaluation import (
+from streamguard.defenses import (
     GTMask,
     JpegDefense,
     NoDefense,
-    PixelCounts,
-    Report,
     VideoCompression,
-    detection_ap,
+    h264_roundtrip,
+)
+from streamguard.errors import ConfigError, InputError
+from streamguard.evaluation import (
+    Report,
     evaluate,
     grid,
-    h264_roundtrip,
     markdown_table,
     report_markdown,
     table4,
     table4_rows,
     table5a_rows,
-    topk_accuracy,
     video_masks,
 )
+from streamguard.metrics import PixelCounts, detection_ap, topk_accuracy
 from streamguard.models import ClipClassifier, ModelSpec
+from streamguard.patchzero import PatchZero
 from streamguard.recipes import AttackSection, EvaluateSection, Recipe
 
 GRAY = 0.5
@@ -345,8 +345,9 @@ def test_cli_evaluate_on_synthmotion(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from streamguard.cli import app
-    from streamguard.detector import PSPNet, save_defense
+    from streamguard.detector import PSPNet
     from streamguard.models import build_model, save_model
+    from streamguard.patchzero import save_defense
 
     model = build_model("tiny3d", 12, widths=(4, 4, 4, 4), clip_len=4, size=32)
     save_model(model, tmp_path / "model.pt")

@@ -11,10 +11,16 @@ import torch
 from streamguard.attacks import MaskedFrameAttack, masks_for_batch
 from streamguard.checkpoints import load_checkpoint
 from streamguard.data import BoxClips, UCF101Clips, crop_resize_boxes, make_synthmotion
-from streamguard.detector import FramesAsClip, PatchZero, PSPNet, load_defense, save_defense
+from streamguard.detector import PSPNet
 from streamguard.errors import ConfigError, InputError
-from streamguard.evaluation import evaluate, is_frame_report, report_markdown, table3_rows
+from streamguard.evaluation import (
+    evaluate,
+    is_frame_report,
+    report_markdown,
+    table3_rows,
+)
 from streamguard.models import build_model, load_model
+from streamguard.patchzero import FramesAsClip, PatchZero, load_defense, save_defense
 from streamguard.recipes import Recipe, parse_recipe
 from streamguard.training import train_detector_stage2, train_frame_detector
 

@@ -19,11 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from torch import nn
-from typer.testing import CliRunner, Result
-
 from fuzz_media import (
     MALFORMED,
     VFR_PTS,
@@ -37,12 +32,18 @@ from fuzz_media import (
     truncate,
     write_video,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from typer.testing import CliRunner, Result
+
 from streamguard.checkpoints import load_checkpoint, save_checkpoint, sha256_file
 from streamguard.cli import app
-from streamguard.detector import PatchZero, PSPNet, save_defense
+from streamguard.detector import PSPNet
 from streamguard.errors import InputError
 from streamguard.io import open_source
 from streamguard.models import build_model, save_model
+from streamguard.patchzero import PatchZero, save_defense
 from streamguard.pipeline import Pipeline
 
 runner = CliRunner()

@@ -8,15 +8,14 @@ import torch
 from streamguard.checkpoints import load_checkpoint
 from streamguard.data import UCF101Clips, make_synthmotion
 from streamguard.errors import CheckpointError, ConfigError
+from streamguard.metrics import pixel_scores, top1
 from streamguard.models import build_model, load_model, save_model
 from streamguard.recipes import Recipe, parse_recipe
 from streamguard.training import (
     augment_clips,
     build_attack_cache,
     mirror_clips,
-    pixel_scores,
     step_indices,
-    top1,
     train_classifier,
     train_detector_stage1,
     train_detector_stage2,
@@ -140,7 +139,7 @@ def test_resume_needs_a_matching_checkpoint(tmp_path: Path, synth: Path) -> None
 def test_classifier_trains_on_mirrored_clips_with_swapped_labels(
     tmp_path: Path, synth: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import streamguard.training as training
+    import streamguard.training.downstream as training
     from streamguard.data import SYNTH_CLASSES, symmetry_labels
 
     calls: list[dict[str, list[int]]] = []
@@ -229,7 +228,7 @@ def stage1(tmp_path_factory: pytest.TempPathFactory, synth: Path, victim: Path) 
 
 
 def test_stage1_trains_a_loadable_defense(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
-    from streamguard.detector import load_defense
+    from streamguard.patchzero import load_defense
 
     trained = load_defense(stage1)
     assert trained.mean.tolist() == pytest.approx(list(load_model(victim).spec.mean))

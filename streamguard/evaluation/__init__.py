@@ -1,0 +1,22 @@
+"""Evaluation: the defenses x attacks grid (:mod:`.grid`), its results (:mod:`.report`) and the paper's tables (:mod:`.tables`)."""
+
+from .grid import CLEAN, AttackSetting, evaluate, grid, load_dataset, video_masks
+from .report import Report
+from .tables import (
+    is_frame_report,
+    markdown_table,
+    report_markdown,
+    save_markdown,
+    table3,
+    table3_rows,
+    table4,
+    table4_rows,
+    table5a,
+    table5a_rows,
+)  # fmt: skip
+
+__all__ = [
+    "CLEAN", "AttackSetting", "evaluate", "grid", "load_dataset", "video_masks", "Report", "is_frame_report",
+    "markdown_table", "report_markdown", "save_markdown", "table3", "table3_rows", "table4", "table4_rows", "table5a",
+    "table5a_rows",
+]  # fmt: skip

@@ -1,0 +1,148 @@
+"""An evaluation's results: the :class:`Report` and the resumable per-sample log it is built from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoints import atomic_write_text
+from ..errors import ConfigError, InputError
+from ..metrics import PixelCounts, detection_ap
+from ..recipes import Recipe, recipe_to_dict
+
+
+def _weights_digest(modules: Sequence[nn.Module]) -> str:
+    """sha256 of the modules' parameters and buffers, so that a retrained model or detector behind
+    the same name or path never resumes its predecessor's results."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def results_fingerprint(recipe: Recipe, modules: Sequence[nn.Module]) -> str:
+    """What decides the per-sample results: the weights and the recipe but its output folder and video count."""
+    d = recipe_to_dict(recipe)
+    keep = {k: d[k] for k in ("model", "defense", "data", "attack")}
+    keep["evaluate"] = {k: v for k, v in d["evaluate"].items() if k not in ("output", "max_videos")}
+    keep["weights"] = _weights_digest(modules)
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    atomic_write_text(path, text)
+    return Path(path)
+
+
+def record_key(defense: str, attack: str, video: int) -> tuple[str, str, int]:
+    return defense, attack, video
+
+
+@dataclass
+class Report:
+    """Everything one evaluation produced: settings and one record per (defense, attack, video).
+
+    A record: ``{"defense", "attack", "method", "area", "mode", "video", "name"}`` and, for a clip
+    classifier, ``"label", "pred", "correct", "top5"``; for a frame detector, ``"frames"`` (its boxes,
+    scores and labels per frame) and ``"targets"`` (the true boxes and labels); plus ``"pixels": [tp,
+    fp, fn, tn]`` for PatchZero.
+    """
+
+    settings: dict[str, Any]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    path: Path | None = None
+
+    def records(self, defense: str, attack: str) -> list[dict[str, Any]]:
+        return [r for r in self.samples if r["defense"] == defense and r["attack"] == attack]
+
+    def accuracy(self, defense: str, attack: str, k: int = 1) -> float | None:
+        """Top-1 (``k=1``) or top-5 (``k=5``) accuracy of one cell; ``None`` if it was not run."""
+        recs = self.records(defense, attack)
+        if not recs:
+            return None
+        return sum(r["correct" if k == 1 else "top5"] for r in recs) / len(recs)
+
+    def box_ap(self, defense: str, attack: str) -> dict[str, float] | None:
+        """A frame detector's AP / AP50 / AP75 over every frame of one cell; ``None`` if it was not run."""
+        recs = self.records(defense, attack)
+        if not recs:
+            return None
+        preds = [{k: torch.tensor(v).reshape(-1, 4) if k == "boxes" else torch.tensor(v) for k, v in p.items()}
+                 for r in recs for p in r["frames"]]  # fmt: skip
+        targets = [{k: torch.tensor(v).reshape(-1, 4) if k == "boxes" else torch.tensor(v, dtype=torch.int64) for k, v in g.items()}
+                   for r in recs for g in r["targets"]]  # fmt: skip
+        return detection_ap(preds, targets)
+
+    def pixel_counts(self, attacks: Sequence[str]) -> PixelCounts:
+        """PatchZero's pixel counts summed over the given attack keys (``"clean"`` for benign clips)."""
+        total = PixelCounts()
+        for r in self.samples:
+            if r["defense"] == "patchzero" and r["attack"] in attacks:
+                total = total + PixelCounts(*r["pixels"])
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.settings, "samples": self.samples}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        self.path = write_atomic(path, json.dumps(self.to_dict(), indent=1))
+        return self.path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Report:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise InputError(f"cannot read report {path}: {err}") from None
+        samples = d.pop("samples", [])
+        return cls(d, samples, path)
+
+
+class SampleLog:
+    """``samples.jsonl``: a header line (recipe fingerprint), then one JSON record per line, appended."""
+
+    def __init__(self, path: Path, fingerprint: str, header: dict[str, Any], resume: bool) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and path.is_file():
+            self.records = self._read(fingerprint)
+        else:
+            path.write_text(json.dumps({"header": header}) + "\n")
+        self.done = {record_key(r["defense"], r["attack"], r["video"]) for r in self.records}
+
+    def _read(self, fingerprint: str) -> list[dict[str, Any]]:
+        text = self.path.read_text()
+        if not text.endswith("\n"):  # killed mid-line: drop the partial record
+            text = text[: text.rfind("\n") + 1]
+            self.path.write_text(text)
+        lines = text.splitlines()
+        try:
+            header = json.loads(lines[0])["header"]
+            records = [json.loads(line) for line in lines[1:]]
+        except (IndexError, KeyError, json.JSONDecodeError):
+            raise InputError(f"{self.path}: not a StreamGuard sample log; remove it or use --no-resume") from None
+        if header.get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"{self.path} holds results of different settings; use --no-resume or another --output"
+            )
+        return records
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records += records
+        self.done |= {record_key(r["defense"], r["attack"], r["video"]) for r in records}

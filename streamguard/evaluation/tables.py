@@ -1,0 +1,177 @@
+"""The paper's tables from a :class:`~streamguard.evaluation.report.Report`: rich tables and markdown."""
+
+from __future__ import annotations
+
+import os
+from itertools import product
+from pathlib import Path
+
+from rich.table import Table
+
+from ..attacks import MODES
+from ..metrics import PixelCounts
+from .grid import CLEAN, AttackSetting
+from .report import Report, write_atomic
+
+# ---------------------------------------------------------------- tables
+
+METHOD_NAMES = {"pgd": "MPGD", "apgd": "MAPGD", "cw": "MCW"}
+TABLE4_ROWS = (
+    ("Undefended", "none", None),
+    ("GT Mask", "gt", None),
+    ("JPEG", "jpeg", None),
+    ("Video compression", "h264", None),
+    ("PatchZero (DO)", "patchzero", "do"),
+    ("PatchZero (BPDA)", "patchzero", "bpda"),
+)
+
+
+def _attack_columns(report: Report) -> list[tuple[str, str, float]]:
+    at = report.settings["recipe"]["attack"]
+    return [(f"{METHOD_NAMES[m]} {a * 100:g}%", m, a) for m, a in product(at["methods"], at["areas"])]
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def table4_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of Table 4: top-1 (top-5) accuracy, %.
+
+    Baselines show their worst case over the attack modes they were run under.
+    """
+    columns = _attack_columns(report)
+    header = ["Defense", "No attack"] + [name for name, _, _ in columns]
+    rows = []
+    for label, defense, mode in TABLE4_ROWS:
+        if report.accuracy(defense, CLEAN.key) is None:
+            continue
+        cells = [_cell(report, defense, [CLEAN.key])]
+        for _, method, area in columns:
+            modes = [mode] if mode else list(MODES)
+            cells.append(_cell(report, defense, [AttackSetting(method, area, m).key for m in modes]))
+        if mode and all(c == "–" for c in cells[1:]) and columns:
+            continue
+        rows.append([label, *cells])
+    return header, rows
+
+
+def _cell(report: Report, defense: str, attacks: list[str]) -> str:
+    runs = [(report.accuracy(defense, a, 1), report.accuracy(defense, a, 5)) for a in attacks]
+    runs = [r for r in runs if r[0] is not None]
+    if not runs:
+        return "–"
+    top1, top5 = min(runs)
+    return f"{_pct(top1)} ({_pct(top5)})"
+
+
+TABLE3_ROWS = (
+    ("Undefended", "none", None),
+    ("GT Mask", "gt", None),
+    ("PatchZero (DO)", "patchzero", "do"),
+    ("PatchZero (BPDA)", "patchzero", "bpda"),
+)
+
+
+def is_frame_report(report: Report) -> bool:
+    return bool(report.samples) and "frames" in report.samples[0]
+
+
+def table3_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of Table 3 (per-frame detector): box AP / AP50 / AP75, %, per defense and attack."""
+    columns = _attack_columns(report)
+    header = ["Defense", "No attack"] + [name for name, _, _ in columns]
+    rows = []
+    for label, defense, mode in TABLE3_ROWS:
+        if not report.records(defense, CLEAN.key):
+            continue
+        cells = [_ap_cell(report, defense, [CLEAN.key])]
+        for _, method, area in columns:
+            cells.append(_ap_cell(report, defense, [AttackSetting(method, area, m).key for m in ([mode] if mode else MODES)]))
+        if mode and all(c == "–" for c in cells[1:]) and columns:
+            continue
+        rows.append([label, *cells])
+    return header, rows
+
+
+def _ap_cell(report: Report, defense: str, attacks: list[str]) -> str:
+    runs = [ap for a in attacks if (ap := report.box_ap(defense, a)) is not None]
+    if not runs:
+        return "–"
+    worst = min(runs, key=lambda r: r["ap"])
+    return " / ".join(_pct(worst[k]) for k in ("ap", "ap50", "ap75"))
+
+
+def table5a_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of Table 5a: PatchZero's pixel metrics per attack setting, per mode and on benign clips, %."""
+    header = ["Attack", "Precision", "Recall", "Accuracy", "F1", "FPR"]
+    rows = []
+    keys_by_mode: dict[str, list[str]] = {m: [] for m in MODES}
+    for _, method, area in _attack_columns(report):
+        for mode in MODES:
+            key = AttackSetting(method, area, mode).key
+            if report.records("patchzero", key):
+                keys_by_mode[mode].append(key)
+                rows.append(_pixel_row(f"{METHOD_NAMES[method]} {area * 100:g}% ({mode.upper()})", report.pixel_counts([key])))
+    for mode, keys in keys_by_mode.items():
+        if keys:
+            rows.append(_pixel_row(f"All {mode.upper()}", report.pixel_counts(keys)))
+    if report.records("patchzero", CLEAN.key):
+        rows.append(_pixel_row("Benign (no attack)", report.pixel_counts([CLEAN.key])))
+    return header, rows
+
+
+def _pixel_row(label: str, c: PixelCounts) -> list[str]:
+    return [label, _pct(c.precision), _pct(c.recall), _pct(c.accuracy), _pct(c.f1), _pct(c.fpr)]
+
+
+def _rich(title: str, header: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def table4(report: Report) -> Table:
+    """Top-1 (top-5) accuracy of every defense under every attack, shaped like the paper's Table 4."""
+    return _rich("Table 4: top-1 (top-5) accuracy, %", *table4_rows(report))
+
+
+def table3(report: Report) -> Table:
+    """Box AP / AP50 / AP75 of the per-frame detector behind each defense, shaped like the paper's Table 3."""
+    return _rich("Table 3: box AP / AP50 / AP75, %", *table3_rows(report))
+
+
+def table5a(report: Report) -> Table:
+    """PatchZero's pixel precision, recall, accuracy, F1 and false-positive rate, like the paper's Table 5a."""
+    return _rich("Table 5a: PatchZero pixel metrics, %", *table5a_rows(report))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def save_markdown(report: Report, path: str | os.PathLike[str]) -> Path:
+    """Write :func:`report_markdown` to ``path``."""
+    return write_atomic(path, report_markdown(report))
+
+
+def report_markdown(report: Report) -> str:
+    """Both tables as GitHub markdown, for the README."""
+    n = len(report.settings.get("videos", []))
+    where = f"{report.settings['model']}, {n} videos, seed {report.settings['seed']}"
+    if is_frame_report(report):
+        frames = sum(len(r["frames"]) for r in report.records("none", CLEAN.key))
+        parts = [f"**Table 3** — box AP / AP50 / AP75, % ({where}, {frames} frames)\n", markdown_table(*table3_rows(report))]
+    else:
+        parts = [
+            f"**Table 4** — top-1 (top-5) accuracy, % ({where}; baselines: worst of DO/BPDA)\n",
+            markdown_table(*table4_rows(report)),
+        ]
+    header, rows = table5a_rows(report)
+    if rows:
+        parts += ["\n**Table 5a** — PatchZero pixel metrics, %\n", markdown_table(header, rows)]
+    return "\n".join(parts)

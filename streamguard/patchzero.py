@@ -1,0 +1,373 @@
+"""The PatchZero defense: temporal fusion, threshold, dilation and mean repaint around a patch detector.
+
+:class:`PatchZero` runs a :class:`~streamguard.detector.PSPNet` on every frame of a clip, fuses the
+logits over time, thresholds and dilates them into a mask, and repaints the masked pixels with the
+downstream model's dataset mean. With ``bpda=True`` the mask is a straight-through estimator so
+adaptive (BPDA) attacks can differentiate through the defense. :func:`build_defense` is the one
+factory every command uses (a recipe's ``[defense]`` table plus overrides).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoints import DEFAULT_DETECTOR, Weights, get_weights, save_checkpoint
+from .detector import PSPNet, load_state_dict_checked
+from .errors import CheckpointError, ConfigError, InputError
+from .resize import resize_frames
+
+if TYPE_CHECKING:
+    from .recipes import DefenseSection
+
+Temporal = Literal["mean", "none", "ema"]
+TEMPORAL: tuple[str, ...] = ("mean", "none", "ema")
+
+def dilate_mask(mask: Tensor, radius: int) -> Tensor:
+    """Binary dilation with a (2r+1)x(2r+1) square over the last two dims; same as ``cv2.dilate``.
+
+    A max-pool, so it runs on any device and inside autograd. ``mask``: (..., H, W).
+    """
+    if radius <= 0:
+        return mask
+    shape = mask.shape
+    flat = mask.reshape(-1, 1, *shape[-2:])
+    return F.max_pool2d(flat, 2 * radius + 1, stride=1, padding=radius).reshape(shape)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the hard mask exactly. Backward: the gradient goes to the soft mask."""
+
+    @staticmethod
+    def forward(ctx: Any, hard: Tensor, soft: Tensor) -> Tensor:
+        return hard.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        return None, grad
+
+
+class PatchZero(nn.Module):
+    """Detect adversarial patches and repaint them with the dataset mean: ``x' = x*(1-m) + mean*m``.
+
+    Input: clips (N,C,T,H,W) or frames (N,C,H,W) in [0,1]; frames are clips with T=1.
+    ``temporal``: "mean" averages the detector's logits over the T frames of each clip (a patch
+    that evades detection in some frames is still caught, and the mask does not flicker);
+    "ema" additionally keeps an exponential moving average of those fused logits across calls,
+    ``s <- ema*s + (1-ema)*fused`` per batch index (for live streams; every call advances it,
+    ``reset()`` clears it, a change of shape restarts it); "none" masks each frame on its own.
+    The mask is ``sigmoid(logit) > threshold`` dilated by ``dilate`` pixels.
+
+    Working resolution: with ``input_size`` ``(h, w)`` (the scale the detector was trained at, which
+    travels in its weights' meta) every frame is resized to it (:func:`~streamguard.resize.resize_frames`, area averaging); the logits are fused,
+    thresholded and dilated there (``dilate`` is in working-scale pixels), and the mask is upsampled
+    (nearest) to the frame, where the repaint is done at full resolution. A patch optimised against the
+    downstream model lives at the model's scale; so a mask means the same at every frame size, and the
+    detector's cost does not grow with it. Without ``input_size`` the detector sees the frames as they are.
+
+    BPDA: with ``bpda=True`` the forward mask is still exactly the hard mask, but its backward
+    is that of the soft mask ``dilate(sigmoid((logit - logit(threshold)) / temperature))``.
+    ``temperature=4`` keeps the sigmoid's slope within ~4x of its peak over logits in [-10, 10]
+    (a trained detector's range) instead of vanishing like e^-|logit|, so attacks get a usable
+    signal from confidently detected patch pixels. With ``bpda=False`` no gradient flows
+    through the mask (only through ``x*(1-m)``) and the detector runs without autograd.
+    """
+
+    def __init__(
+        self,
+        detector: nn.Module,
+        mean: Sequence[float] | Tensor,
+        threshold: float = 0.5,
+        dilate: int = 3,
+        temporal: Temporal = "mean",
+        ema: float = 0.5,
+        input_size: int | Sequence[int] | None = None,
+        bpda: bool = False,
+        temperature: float = 4.0,
+    ) -> None:
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        if mean.numel() != 3:
+            raise ConfigError(f"defense mean must have 3 values (one per RGB channel), got {mean.numel()}")
+        if not 0 < threshold < 1:
+            raise ConfigError(f"defense.threshold must be in (0, 1), got {threshold}")
+        if dilate < 0:
+            raise ConfigError(f"defense.dilate must be >= 0, got {dilate}")
+        if temporal not in TEMPORAL:
+            raise ConfigError(f"defense.temporal must be one of {', '.join(TEMPORAL)}, got {temporal!r}")
+        if not 0 <= ema < 1:
+            raise ConfigError(f"defense.ema must be in [0, 1), got {ema}")
+        if not temperature > 0:
+            raise ConfigError(f"BPDA temperature must be > 0, got {temperature}")
+        self.detector = detector
+        self.threshold, self.dilate, self.temporal, self.ema = float(threshold), int(dilate), temporal, float(ema)
+        self.input_size = _size_pair(input_size)
+        self.bpda, self.temperature = bpda, float(temperature)
+        self.register_buffer("mean", mean, persistent=False)
+        self._state: Tensor | None = None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Everything needed to rebuild this defense, JSON-able (stored in checkpoints)."""
+        meta: dict[str, Any] = {
+            "input_size": list(self.input_size) if self.input_size else None,
+            "threshold": self.threshold,
+            "dilate": self.dilate,
+            "temporal": self.temporal,
+            "ema": self.ema,
+            "mean": [float(v) for v in self.mean.tolist()],
+            "temperature": self.temperature,
+        }
+        if isinstance(self.detector, PSPNet):
+            meta.update(backbone=self.detector.backbone, width=self.detector.width, aux=self.detector.aux)
+        return meta
+
+    def reset(self) -> None:
+        """Forget the EMA state (call between videos/streams)."""
+        self._state = None
+
+    @contextmanager
+    def bpda_mode(self, enabled: bool = True) -> Iterator[PatchZero]:
+        """Temporarily switch the straight-through (BPDA) mask on or off."""
+        previous, self.bpda = self.bpda, enabled
+        try:
+            yield self
+        finally:
+            self.bpda = previous
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Fused detector logits at the frame's size (bilinear from the working scale):
+        (N,1,T,H,W) for clips, (N,1,H,W) for frames."""
+        clips, frames = _as_clips(x)
+        return _restore(self._to_frame(self._fused_logits(clips), clips, "bilinear"), frames)
+
+    def probabilities(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.logits(x))
+
+    @torch.no_grad()
+    def mask(self, x: Tensor) -> Tensor:
+        """Binary mask, 1 = adversarial pixel: (N,1,T,H,W) for clips, (N,1,H,W) for frames."""
+        clips, frames = _as_clips(x)
+        return _restore(self._frame_mask(clips), frames)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Sanitized input, same shape as ``x``; with ``bpda`` the mask is straight-through."""
+        clips, frames = _as_clips(x)
+        return _restore(self._repaint(clips, self._frame_mask(clips, self.bpda)), frames)
+
+    @torch.no_grad()
+    def sanitize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_clean, mask)`` with shapes as ``x`` and its mask, without autograd."""
+        clips, frames = _as_clips(x)
+        mask = self._frame_mask(clips)
+        return _restore(self._repaint(clips, mask), frames), _restore(mask, frames)
+
+    def working_size(self, clips: Tensor) -> tuple[int, int]:
+        """The detector's (h, w) for these clips: ``input_size``, or the frames' own size if unset."""
+        return self.input_size or (clips.shape[-2], clips.shape[-1])
+
+    def _frame_mask(self, clips: Tensor, straight_through: bool = False) -> Tensor:
+        """The mask at the frames' size, (N,1,T,H,W): thresholded and dilated at the working scale,
+        then upsampled (nearest), so it means the same at every frame size."""
+        if not straight_through:
+            with torch.no_grad():
+                return self._to_frame(self._hard_mask(self._fused_logits(clips)), clips, "nearest-exact")
+        logits = self._fused_logits(clips)
+        with torch.no_grad():
+            hard = self._to_frame(self._hard_mask(logits), clips, "nearest-exact")
+        return _StraightThrough.apply(hard, self._to_frame(self._soft_mask(logits), clips, "bilinear"))
+
+    def _frame_logits(self, clips: Tensor) -> Tensor:
+        """Detector on all N*T frames at the working size: (N,C,T,H,W) -> (N,1,T,h,w)."""
+        n, c, t, h, w = clips.shape
+        size = self.working_size(clips)
+        frames = clips.transpose(1, 2).reshape(n * t, c, h, w)
+        if size != (h, w):
+            frames = resize_frames(frames, size)
+        out = self.detector(frames)
+        out = out[0] if isinstance(out, tuple) else out
+        if out.shape[-2:] != size:
+            out = F.interpolate(out, size, mode="bilinear", align_corners=False)
+        return out.reshape(n, t, 1, *size).transpose(1, 2)
+
+    @staticmethod
+    def _to_frame(t: Tensor, clips: Tensor, mode: str) -> Tensor:
+        """(N,1,T',h,w) at the working scale (T' = 1 after fusion) -> (N,1,T,H,W) at the frames' size."""
+        n, _, tt, h, w = t.shape
+        size = tuple(clips.shape[-2:])
+        if (h, w) != size:
+            kw = {"align_corners": False} if mode == "bilinear" else {}
+            t = F.interpolate(t.reshape(n * tt, 1, h, w), size, mode=mode, **kw).reshape(n, 1, tt, *size)
+        return t.expand(n, 1, clips.shape[2], *size)
+
+    def _fused_logits(self, clips: Tensor) -> Tensor:
+        logits = self._frame_logits(clips)
+        if self.temporal == "none":
+            return logits
+        fused = logits.mean(dim=2, keepdim=True)  # (N,1,1,h,w): one mask for the clip
+        if self.temporal == "ema":
+            if self._state is not None and self._state.shape == fused.shape:
+                fused = self.ema * self._state.to(fused) + (1 - self.ema) * fused
+            self._state = fused.detach()
+        return fused
+
+    def _hard_mask(self, logits: Tensor) -> Tensor:
+        return dilate_mask((torch.sigmoid(logits) > self.threshold).to(logits.dtype), self.dilate)
+
+    def _soft_mask(self, logits: Tensor) -> Tensor:
+        center = math.log(self.threshold / (1 - self.threshold))
+        return dilate_mask(torch.sigmoid((logits - center) / self.temperature), self.dilate)
+
+    def _repaint(self, clips: Tensor, mask: Tensor) -> Tensor:
+        mean = self.mean.to(clips.dtype).view(1, -1, 1, 1, 1)
+        return clips * (1 - mask) + mean * mask
+
+
+class FramesAsClip(nn.Module):
+    """A clip defense over consecutive frames: (T, C, H, W) frames -> one (1, C, T, H, W) clip -> frames.
+
+    Per-frame detectors see a video as a batch of frames; wrapped like this, PatchZero still fuses
+    its mask over them (and an attack through it in BPDA mode sees the same fused mask).
+    """
+
+    def __init__(self, defense: PatchZero) -> None:
+        super().__init__()
+        self.defense = defense
+
+    @property
+    def bpda(self) -> bool:
+        return self.defense.bpda
+
+    @bpda.setter
+    def bpda(self, value: bool) -> None:
+        self.defense.bpda = value
+
+    def forward(self, frames: Tensor) -> Tensor:
+        return self.defense(frames.transpose(0, 1).unsqueeze(0)).squeeze(0).transpose(0, 1)
+
+
+def _size_pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    pair = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ConfigError(f"defense input_size must be an int or (H, W) of positive ints, got {size!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _as_clips(x: Tensor) -> tuple[Tensor, bool]:
+    if x.dim() not in (4, 5) or x.shape[1] != 3:
+        raise InputError(f"PatchZero expects (N,3,T,H,W) clips or (N,3,H,W) frames, got shape {tuple(x.shape)}")
+    return (x.unsqueeze(2), True) if x.dim() == 4 else (x, False)
+
+
+def _restore(t: Tensor, frames: bool) -> Tensor:
+    return t.squeeze(2) if frames else t
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+_DETECTOR_KEYS = ("backbone", "width", "aux")
+_DEFENSE_KEYS = ("mean", "threshold", "dilate", "temporal", "ema", "input_size", "bpda", "temperature")
+
+
+def save_defense(defense: PatchZero, path: str | os.PathLike[str], **extra_meta: Any) -> str:
+    """Save the detector's weights with the defense's ``meta`` (plus ``extra_meta``); returns the sha256."""
+    if not isinstance(defense.detector, PSPNet):
+        raise ConfigError(f"save_defense needs a PSPNet detector, got {type(defense.detector).__name__}")
+    state_dict = {k: v.detach().cpu() for k, v in defense.detector.state_dict().items()}
+    return save_checkpoint(path, state_dict, {"kind": "patchzero", **defense.meta, **extra_meta})
+
+
+def load_defense(ref: str | os.PathLike[str] | Weights, **overrides: Any) -> PatchZero:
+    """Rebuild a :class:`PatchZero` (in eval mode) from a shipped name, a path or :class:`Weights`.
+
+    ``overrides`` replace meta values (``threshold=0.3``, ``temporal="none"``...); ``None`` means
+    "keep the checkpoint's value". A state dict that does not fit the rebuilt network raises
+    :class:`CheckpointError` naming the offending keys.
+    """
+    unknown = sorted(set(overrides) - set(_DETECTOR_KEYS) - set(_DEFENSE_KEYS))
+    if unknown:
+        raise ConfigError(f"load_defense: unknown option(s) {', '.join(unknown)}")
+    weights = get_weights(ref)
+    state_dict, saved = weights.load()
+    meta = {**saved, **{k: v for k, v in overrides.items() if v is not None}}
+    if "backbone" not in meta:
+        raise CheckpointError(f"{weights.path}: no 'backbone' in its metadata; pass backbone=... to load it")
+    if "mean" not in meta:
+        raise CheckpointError(f"{weights.path}: no 'mean' in its metadata; pass mean=... (the model's dataset mean)")
+    aux = meta.get("aux", any(k.startswith("aux_head.") for k in state_dict))
+    detector = PSPNet(meta["backbone"], aux=aux, width=meta.get("width", 1.0))
+    built = f"{meta['backbone']} width {detector.width:g}"
+    stored = f"{saved.get('backbone', '?')} width {float(saved.get('width', 1.0)):g}" if saved else "no metadata"
+    load_state_dict_checked(detector, state_dict, f"checkpoint {weights.path} (saved: {stored}; built: {built})")
+    defense = PatchZero(detector, **{k: meta[k] for k in _DEFENSE_KEYS if k in meta})
+    return defense.eval()
+
+
+def build_defense(
+    section: DefenseSection | None = None,
+    *,
+    weights: str | os.PathLike[str] | Weights | None = None,
+    detector: nn.Module | None = None,
+    mean: Sequence[float] | None = None,
+    **overrides: Any,
+) -> PatchZero:
+    """The one factory from a recipe's ``[defense]`` table to a :class:`PatchZero`.
+
+    Settings, later ones winning: the checkpoint's meta, the recipe's ``section`` (``threshold``,
+    ``dilate``, ``temporal``, ``ema``, and ``input_size`` when it sets one), then ``overrides``
+    (``None`` keeps the value before). ``mean`` is the downstream model's dataset mean, the colour
+    of the repaint. With ``detector`` (a network being trained) no checkpoint is read and the working
+    resolution defaults to none; otherwise the weights are ``weights``, else ``section.weights``,
+    else the shipped default detector.
+    """
+    settings: dict[str, Any] = {}
+    if section is not None:
+        settings = {"threshold": section.threshold, "dilate": section.dilate, "temporal": section.temporal,
+                    "ema": section.ema, "input_size": section.input_size}  # fmt: skip
+    settings |= {k: v for k, v in overrides.items() if v is not None}
+    if mean is not None:
+        settings["mean"] = tuple(float(v) for v in mean)
+    if detector is not None:
+        if "mean" not in settings:
+            raise ConfigError("build_defense: a detector without weights needs mean=... (the model's dataset mean)")
+        return PatchZero(detector, **{k: v for k, v in settings.items() if v is not None})
+    ref = weights or (section.weights if section is not None else None) or DEFAULT_DETECTOR
+    return load_defense(ref, **settings)
+
+
+def art_preprocessor(defense: PatchZero, bpda: bool = True, apply_fit: bool = False) -> Any:
+    """PatchZero as an ART preprocessing defence, to put in front of any ART estimator.
+
+    ``PyTorchClassifier(..., preprocessing_defences=[art_preprocessor(defense)])`` sanitizes every
+    input the estimator sees; with ``bpda=True`` ART's gradients flow through the defense's
+    straight-through mask (hard threshold forward, sigmoid backward), so ART attacks on that
+    estimator are adaptive BPDA attacks.
+    """
+    from art.defences.preprocessor.preprocessor import PreprocessorPyTorch
+
+    class PatchZeroPreprocessor(PreprocessorPyTorch):
+        def __init__(self) -> None:
+            device = next(iter(defense.parameters()), torch.empty(0)).device
+            super().__init__(device_type="gpu" if device.type == "cuda" else "cpu", is_fitted=True,
+                             apply_fit=apply_fit, apply_predict=True)  # fmt: skip
+            self.defense = defense
+
+        def forward(self, x: Tensor, y: Any = None) -> tuple[Tensor, Any]:
+            previous = self.defense.bpda
+            self.defense.bpda = bpda
+            try:
+                return self.defense(x), y
+            finally:
+                self.defense.bpda = previous
+
+    return PatchZeroPreprocessor()

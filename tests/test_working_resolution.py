@@ -1,0 +1,101 @@
+"""The detector works at the model's scale: a patch it finds in a 64x64 clip is found at any frame size.
+
+Clips are enlarged pixel by pixel (nearest), as a display or a print shows a digital patch; a
+patch blurred by a bilinear enlargement is another texture, one of the patch families the
+detector has to be trained on (issue #15), not a property of the working resolution.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streamguard.attacks import MaskedAttack, patch_mask
+from streamguard.data import render_video
+from streamguard.metrics import PixelCounts
+from streamguard.models import load_model
+from streamguard.patchzero import PatchZero, build_defense
+from streamguard.recipes import DefenseSection
+
+SIZES = [(64, 64), (240, 320), (480, 640)]
+
+
+@pytest.fixture(scope="module")
+def clips() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two 16x64x64 SynthMotion clips, their DO masked-PGD versions (10% square) and the true masks."""
+    model = load_model("synth-tiny3d")
+    videos = [render_video(c, 100 + c, size=64, frames=16)[0] for c in (0, 6)]
+    x = torch.from_numpy(np.stack(videos)).permute(0, 4, 1, 2, 3).float() / 255  # (2, 3, 16, 64, 64)
+    mask = torch.from_numpy(np.stack([patch_mask((16, 64, 64), 0.10, seed) for seed in (1, 2)]))[:, None]
+    attack = MaskedAttack(model, "pgd", "do", eps=1.0, step=0.2, iters=20, seed=0)
+    x_adv = torch.from_numpy(attack.generate(x.numpy(), np.array([0, 6]), mask.numpy()))
+    return x, x_adv, mask
+
+
+def _upscale(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    n, c, t, h, w = x.shape
+    frames = x.transpose(1, 2).reshape(n * t, c, h, w)
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(frames, size, mode=mode, **kw).reshape(n, t, c, *size).transpose(1, 2)
+
+
+def test_shipped_detector_carries_its_working_size() -> None:
+    assert build_defense().input_size == (64, 64)
+    assert build_defense(DefenseSection(input_size=96)).input_size == (96, 96)
+    assert build_defense(input_size=32).input_size == (32, 32)
+
+
+def test_a_patch_found_at_64_is_found_at_every_frame_size(clips: tuple[torch.Tensor, ...]) -> None:
+    x, x_adv, true = clips
+    defense = build_defense(mean=(0.5, 0.5, 0.5))
+    recalls, benign = {}, {}
+    for size in SIZES:
+        big, big_true = _upscale(x_adv, size, "nearest-exact"), _upscale(true, size, "nearest-exact")
+        clean, mask = defense.sanitize(big)
+        assert mask.shape == big_true.shape and clean.shape == big.shape
+        recalls[size] = PixelCounts.from_masks(mask > 0.5, big_true > 0.5).recall
+        benign[size] = defense.mask(_upscale(x, size, "bilinear").clamp(0, 1)).mean().item()
+    assert recalls[(64, 64)] > 0.9, recalls
+    for size in SIZES[1:]:
+        assert abs(recalls[size] - recalls[(64, 64)]) < 0.03, recalls
+    assert max(benign.values()) < 1e-3, benign
+
+
+def test_native_resolution_is_what_the_working_size_fixes(clips: tuple[torch.Tensor, ...]) -> None:
+    """The same weights at the frames' own size (the old behaviour) miss the upscaled patch."""
+    _, x_adv, true = clips
+    native = build_defense(mean=(0.5, 0.5, 0.5))
+    native.input_size = None
+    big, big_true = _upscale(x_adv, (240, 320), "nearest-exact"), _upscale(true, (240, 320), "nearest-exact")
+    assert PixelCounts.from_masks(native.mask(big) > 0.5, big_true > 0.5).recall < 0.5
+
+
+class _Spot(torch.nn.Module):
+    """A 'detector' that marks exactly the pixels above 0.9 (logit +/-10)."""
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return (frames.mean(1, keepdim=True) > 0.9).float() * 20 - 10
+
+
+def test_dilation_is_in_working_scale_pixels() -> None:
+    """One bright working-scale pixel dilated by 1 covers 3x3 working pixels = 30x30 frame pixels at 10x."""
+    x = torch.zeros(1, 3, 2, 16, 16)
+    x[..., 8, 8] = 1.0
+    big = _upscale(x, (160, 160), "nearest-exact")
+    defense = PatchZero(_Spot(), (0.5, 0.5, 0.5), dilate=1, input_size=16)
+    mask = defense.mask(big)
+    assert mask.shape == (1, 1, 2, 160, 160)
+    assert mask[0, 0, 0].sum().item() == 30 * 30
+    ys, xs = torch.nonzero(mask[0, 0, 0], as_tuple=True)
+    assert (ys.min().item(), ys.max().item(), xs.min().item(), xs.max().item()) == (70, 99, 70, 99)
+
+
+def test_bpda_gradient_reaches_full_resolution_pixels() -> None:
+    detector = torch.nn.Conv2d(3, 1, 3, padding=1)
+    defense = PatchZero(detector, (0.5, 0.5, 0.5), dilate=1, input_size=16, bpda=True)
+    x = torch.rand(1, 3, 2, 64, 64, requires_grad=True)
+    defense(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with defense.bpda_mode(False):
+        y = defense(x)
+    assert torch.equal(y, defense.sanitize(x.detach())[0])
