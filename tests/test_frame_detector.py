@@ -14,6 +14,7 @@ from streamguard.data import BoxClips, UCF101Clips, crop_resize_boxes, make_synt
 from streamguard.detector import PSPNet
 from streamguard.errors import ConfigError, InputError
 from streamguard.evaluation import (
+    Report,
     evaluate,
     is_frame_report,
     report_markdown,
@@ -204,6 +205,14 @@ def test_frame_grid_has_every_cell_and_table3(frame_report: Any) -> None:
     assert "**Table 3**" in report_markdown(report) and "Table 4" not in report_markdown(report)
     ap = report.box_ap("none", "clean")
     assert set(ap) == {"ap", "ap50", "ap75"} and all(0 <= v <= 1 for v in ap.values())
+
+
+def test_table3_counts_frames_without_the_undefended_row(frame_report: Any) -> None:
+    _, _, report = frame_report
+    frames = 4 * len(report.settings["videos"])
+    assert f"{frames} frames)" in report_markdown(report)
+    only_patchzero = Report(report.settings, [r for r in report.samples if r["defense"] == "patchzero"])
+    assert f"{frames} frames)" in report_markdown(only_patchzero)
 
 
 def test_frame_grid_resumes_without_recomputing(frame_report: Any, monkeypatch: pytest.MonkeyPatch) -> None:

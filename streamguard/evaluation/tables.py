@@ -154,6 +154,14 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
+def frame_count(report: Report) -> int:
+    """Frames per cell: those of each evaluated video, counted once (from whichever defense ran first)."""
+    seen: dict[int, int] = {}
+    for r in report.samples:
+        seen.setdefault(r["video"], len(r["frames"]))
+    return sum(seen.values())
+
+
 def save_markdown(report: Report, path: str | os.PathLike[str]) -> Path:
     """Write :func:`report_markdown` to ``path``."""
     return write_atomic(path, report_markdown(report))
@@ -164,7 +172,7 @@ def report_markdown(report: Report) -> str:
     n = len(report.settings.get("videos", []))
     where = f"{report.settings['model']}, {n} videos, seed {report.settings['seed']}"
     if is_frame_report(report):
-        frames = sum(len(r["frames"]) for r in report.records("none", CLEAN.key))
+        frames = frame_count(report)
         parts = [f"**Table 3** — box AP / AP50 / AP75, % ({where}, {frames} frames)\n", markdown_table(*table3_rows(report))]
     else:
         parts = [
