@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .recipes import package_dir
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -108,7 +109,7 @@ def load_checkpoint(
     raise CheckpointError(f"{path} is not a StreamGuard checkpoint or a state dict")
 
 
-WEIGHTS_DIR = Path(os.environ.get("STREAMGUARD_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
+WEIGHTS_DIR = Path(os.environ.get("STREAMGUARD_WEIGHTS") or package_dir("streamguard.weights", "weights"))
 DEFAULT_CLASSIFIER = "synth-tiny3d"
 DEFAULT_DETECTOR = "synth-patchzero"
 DEFAULT_FRAME_DETECTOR = "synth-frcnn"
@@ -133,7 +134,11 @@ class Weights:
 
 
 def read_manifest(weights_dir: Path | None = None) -> dict[str, dict[str, Any]]:
-    """``weights/manifest.json``: ``{name: {"file", "sha256", "kind", "meta", "command", "metrics"}}``."""
+    """``weights/manifest.json``: ``{name: {"file", "sha256", "kind", "meta", "command", "metrics"}}``.
+
+    ``weights_dir`` defaults to :data:`WEIGHTS_DIR`: ``$STREAMGUARD_WEIGHTS``, else the installed
+    ``streamguard.weights`` package (the repository's top-level ``weights/``).
+    """
     manifest = (weights_dir or WEIGHTS_DIR) / "manifest.json"
     if not manifest.is_file():
         return {}

@@ -2,14 +2,22 @@
 
 Parsing is strict: an unknown key or a value of the wrong type raises :class:`ConfigError`
 naming the field (``attack.iters: expected int, got str``).
+
+A recipe can build on another with a top-level ``extends = "synth-clip"`` (a shipped recipe's
+name, or a path relative to the extending file): the parent's table is deep-merged under the
+child's (the child wins; tables merge key by key, recursively; lists and other values are
+replaced whole). Chains are allowed; a cycle is a :class:`ConfigError`. ``name`` and
+``description`` are never inherited: an extending recipe without a ``name`` takes its file's stem.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import types
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -34,7 +42,8 @@ class DefenseSection:
     weights: str | None = None
     backbone: str = "mobilenet_v3"
     width: float = 1.0
-    input_size: int | None = None
+    input_size: int | None = None  # working resolution; default: the weights' (the scale they were trained at)
+    refine: bool = False  # PSPNet with a stride-4 refinement decoder (False: the paper's plain PSPNet)
     threshold: float = 0.5
     dilate: int = 3
     temporal: Literal["mean", "none", "ema"] = "mean"
@@ -117,6 +126,22 @@ class FrameDetectorTrainSection:
 
 
 @dataclass
+class PatchesTrainSection:
+    """Stage 1's patch families beyond the cached DO attacks (issue #15): procedural textures on
+    SynthMotion and real-footage backgrounds (:mod:`streamguard.patches`, :mod:`streamguard.data.footage`)."""
+
+    textures: list[str] = field(default_factory=list)  # streamguard.patches.TEXTURES to train on; [] = DO only
+    held_out: list[str] = field(default_factory=list)  # families kept out of training, reported apart
+    procedural: float = 0.5  # fraction of the attacked clips of a step that get a procedural patch
+    footage: str | None = None  # built by `streamguard data footage`; benign backgrounds beside SynthMotion
+    footage_fraction: float = 0.5  # fraction of benign and procedural clips drawn from the footage
+    area_range: list[float] = field(default_factory=lambda: [0.01, 0.15])
+    moving: float = 0.25
+    upscale: float = 0.3
+    codec: float = 0.3
+
+
+@dataclass
 class TrainSection:
     output: str = "runs/train"
     steps: int = 1000
@@ -134,6 +159,7 @@ class TrainSection:
     seed: int = 0
     classifier: ClassifierTrainSection = field(default_factory=ClassifierTrainSection)
     frame_detector: FrameDetectorTrainSection = field(default_factory=FrameDetectorTrainSection)
+    patches: PatchesTrainSection = field(default_factory=PatchesTrainSection)
 
 
 @dataclass
@@ -222,20 +248,92 @@ def find_recipe(name_or_path: str | Path) -> Path:
     raise ConfigError(f"recipe not found: {name_or_path} (neither a file nor one of {', '.join(list_recipes())})")
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    path = find_recipe(name_or_path)
+def _read_table(path: Path) -> dict[str, Any]:
     try:
-        table = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _parent_path(ref: Any, child: Path) -> Path:
+    """``extends = ref`` of recipe ``child``: a path relative to ``child``'s folder, else a shipped name."""
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{child}: extends: expected a recipe name or path, got {type(ref).__name__} {ref!r}")
+    relative = child.parent / ref
+    if relative.is_file():
+        return relative
+    shipped = pipelines_dir() / f"{ref}.toml"
+    if "/" not in ref and "\\" not in ref and shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"{child}: extends: unknown recipe {ref!r} (neither a file next to it nor one of {', '.join(list_recipes())})"
+    )
+
+
+def merge_tables(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``parent``: tables merged key by key (recursively), anything else replaced."""
+    out = copy.deepcopy(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_tables(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve_table(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The table of recipe ``path`` with its ``extends`` chain merged in, each file checked on its own."""
+    key = path.resolve()
+    if key in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(key):], key))
+        raise ConfigError(f"recipes extend each other in a cycle: {cycle}")
+    table = _read_table(path)
+    ref = table.pop("extends", None)
+    try:  # strict per file, so an error names the file that has it
+        parse_recipe(table, path)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if ref is None:
+        return table
+    parent = _resolve_table(_parent_path(ref, path), (*chain, key))
+    parent.pop("description", None)
+    parent["name"] = path.stem
+    return merge_tables(parent, table)
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Parse a recipe (a path, or a shipped recipe's name), strictly, with its ``extends`` chain resolved."""
+    path = find_recipe(name_or_path)
+    table = _resolve_table(path)
     try:
         return parse_recipe(table, path)
-    except ConfigError as err:
+    except ConfigError as err:  # pragma: no cover - every file of the chain parsed on its own
         raise ConfigError(f"{path}: {err}") from None
 
 
+def package_dir(package: str, folder: str) -> Path:
+    """The folder of a data package shipped with StreamGuard (``streamguard.pipelines``, ``streamguard.weights``).
+
+    Found through :mod:`importlib.resources`, so an installed wheel reads its own copy (the
+    packages are the repository's top-level ``pipelines/`` and ``weights/``, mapped in
+    ``pyproject.toml``). The source tree's top-level ``folder`` is the fallback when
+    ``streamguard`` is imported from a checkout that was never installed, or whose editable
+    install predates these packages.
+    """
+    try:
+        found = files(package)
+    except ModuleNotFoundError:
+        found = None
+    if isinstance(found, Path) and found.is_dir():
+        return found
+    return Path(__file__).resolve().parent.parent / folder
+
+
 def pipelines_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "pipelines"
+    """The shipped recipes' folder: the installed ``streamguard.pipelines`` package (``pipelines/``)."""
+    return package_dir("streamguard.pipelines", "pipelines")
 
 
 def list_recipes() -> list[str]:
@@ -260,9 +358,12 @@ __all__ = [
     "TrainSection",
     "ClassifierTrainSection",
     "FrameDetectorTrainSection",
+    "PatchesTrainSection",
     "load_recipe",
     "parse_recipe",
     "find_recipe",
     "list_recipes",
+    "merge_tables",
+    "pipelines_dir",
     "recipe_to_dict",
 ]

@@ -1,7 +1,7 @@
 """Can a small video CNN learn to tell two SynthMotion classes apart, when appearance cannot help?
 
-    python scripts/rotation_probe.py [--variant tiny3d] [--steps 400] [--classes RotateClockwise RotateCounterClockwise]
-                                     [--synth-train-videos N]
+    python experiments/rotation_probe.py [--variant tiny3d] [--steps 400] [--classes RotateClockwise RotateCounterClockwise]
+                                         [--synth-train-videos N]
 
 A binary task on the recipe's clips of two classes: the train clips, each also mirrored and/or
 played backwards with its label swapped (:func:`streamguard.training.mirror_clips`; both classes
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from streamguard.data import SYNTH_SYMMETRIES, recipe_clips
 from streamguard.models import Tiny3d
 from streamguard.recipes import DataSection, load_recipe
-from streamguard.training import _synth_train_recipe, augment_clips, mirror_clips
+from streamguard.training import synth_train_recipe, augment_clips, mirror_clips
 
 
 def _motion_diff(x: Tensor) -> Tensor:
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--classes", nargs=2, default=["RotateClockwise", "RotateCounterClockwise"])
     parser.add_argument("--synth-train-videos", type=int, default=None, help="use the larger tree of N videos per class")
     args = parser.parse_args()
-    data = _synth_train_recipe(load_recipe(args.recipe), args.synth_train_videos).data
+    data = synth_train_recipe(load_recipe(args.recipe), args.synth_train_videos).data
     a, b = args.classes
     symmetries = {name: [1, 0] for name, swaps in SYNTH_SYMMETRIES.items() if swaps.get(a) == b or swaps.get(b) == a}
     if not symmetries:
