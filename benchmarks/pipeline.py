@@ -6,6 +6,16 @@ and the ratio of the pipeline to its slowest stage (target >= 0.85: the threads 
 but the bottleneck).
 
     python benchmarks/pipeline.py --frames 96 --size 640x480 --json benchmarks/results/pipeline.json
+
+``--live`` measures the live path instead (issue #14), with the shipped defense
+(``synth-patchzero``) and the ``camera`` recipe's settings (model, temporal EMA, clip length,
+batch, queue): for each ``--live-sizes`` entry a paced source (``lavfi:testsrc2=size=WxH:rate=25``,
+``realtime=True``, live mode: newest frames win) for ``--seconds`` s, reporting frames processed
+per second, decode-to-write latency p50/p95 and drops; then the file ``sanitize`` throughput of
+``--file-size`` footage against decode+encode alone (the same ``Pipeline`` with ``defense=None``:
+the I/O limit) as a ratio measured in the same run. JSON and a markdown table:
+
+    python benchmarks/pipeline.py --live --seconds 10 --json benchmarks/results/pipeline_live.json
 """
 
 from __future__ import annotations
@@ -24,9 +34,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from streamguard.detector import PatchZero, build_detector
+from streamguard.detector import build_detector
+
+from streamguard.patchzero import PatchZero
 from streamguard.io import VideoSink, open_source
-from streamguard.pipeline import Pipeline
+from streamguard.pipeline import Pipeline, Summary
 
 ROOT = Path(__file__).resolve().parent
 
@@ -78,6 +90,153 @@ def encode_only(images: list[np.ndarray], fps: int, out: Path) -> float:
     return timed(run)[0]
 
 
+# ---------------------------------------------------------------- the live path (--live)
+
+
+def _load_defense(ref: str, **overrides):
+    try:
+        from streamguard.patchzero import load_defense
+    except ImportError:  # before the PatchZero module split
+        from streamguard.detector import load_defense
+    return load_defense(ref, **overrides)
+
+
+def camera_setup(recipe_name: str, with_model: bool) -> tuple[object, object, dict]:
+    """The recipe's defense (shipped weights, its temporal/threshold/dilate), model and pipeline settings."""
+    from streamguard.models import build_model
+    from streamguard.recipes import load_recipe
+
+    rec = load_recipe(recipe_name)
+    model = build_model(rec.model.name, rec.model.num_classes, rec.model.weights).eval() if with_model else None
+    d = rec.defense
+    overrides = {"threshold": d.threshold, "dilate": d.dilate, "temporal": d.temporal, "ema": d.ema}
+    if model is not None:
+        overrides["mean"] = tuple(model.spec.mean)
+    defense = _load_defense(d.weights, **overrides).eval()
+    p = rec.pipeline
+    options = {"clip_len": p.clip_len, "stride": p.stride, "batch": p.batch, "queue": p.queue}
+    return defense, model, options
+
+
+def _row(summary: Summary, offered: int | None = None) -> dict:
+    offered = summary.frames + summary.dropped if offered is None else offered
+    return {
+        "frames": summary.frames, "dropped": summary.dropped, "offered": offered,
+        "kept_fraction": round(summary.frames / offered, 4) if offered else None,
+        "fps": round(summary.fps, 3), "latency_p50_s": round(summary.latency_p50, 4),
+        "latency_p95_s": round(summary.latency_p95, 4), "latency_max_s": round(summary.latency_max, 4),
+        "wall_s": round(summary.wall_time, 3), "stage_busy_s": summary.stage_busy,
+    }
+
+
+def live_run(size: tuple[int, int], seconds: float, defense, model, options: dict, rate: int = 25) -> dict:
+    """A paced ``testsrc2`` at ``rate`` fps for ``seconds`` s through the live pipeline."""
+    width, height = size
+    with open_source(f"lavfi:testsrc2=size={width}x{height}:rate={rate}", realtime=True) as src:
+        summary = Pipeline(src, defense, model, duration=seconds, live=True, **options).run()
+    return {"size": f"{width}x{height}", "source_fps": rate, "seconds": seconds, **_row(summary)}
+
+
+def file_run(clip: Path, out: Path, defense, model, options: dict) -> dict:
+    with open_source(clip) as src:
+        summary = Pipeline(src, defense, model, output=out, live=False, **options).run()
+    return _row(summary)
+
+
+def warm_up(defense, model, options: dict, size: tuple[int, int]) -> None:
+    """One clip through defense and model, so the first measured frames do not pay for lazy init."""
+    clip_len = options.get("clip_len") or 8
+    with open_source(f"lavfi:testsrc2=size={size[0]}x{size[1]}:rate=25:duration={clip_len / 25}") as src:
+        Pipeline(src, defense, model, **options).run()
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, h = (int(v) for v in text.lower().split("x"))
+    return w, h
+
+
+def live_markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"# Live pipeline ({s['recipe']} recipe, {s['defense']}, model {s['model'] or 'none'})",
+        "",
+        f"{s['cpu_count']} CPU cores, torch {s['torch']} ({s['torch_threads']} threads), PyAV {s['av']}; "
+        f"detector working size: {s['detector_working_size'] or 'native (frame size)'}.",
+        "",
+        f"Paced source `lavfi:testsrc2=size=WxH:rate=25` (realtime, live mode, newest frames win), "
+        f"{s['seconds']:g} s each:",
+        "",
+        "| size | frames/s processed | kept | dropped | latency p50 (s) | latency p95 (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["live"]:
+        lines.append(f"| {r['size']} | {r['fps']:.2f} | {r['frames']} / {r['offered']} | {r['dropped']} | "
+                     f"{r['latency_p50_s']:.3f} | {r['latency_p95_s']:.3f} |")
+    f = result["file"]
+    lines += [
+        "",
+        f"File `sanitize`, {f['size']}, {f['frames']} frames (file mode, nothing dropped):",
+        "",
+        "| run | frames/s |",
+        "| --- | ---: |",
+        f"| sanitize (defense{' + model' if s['model'] else ''}) | {f['sanitize']['fps']:.2f} |",
+        f"| decode + encode alone (defense=None) | {f['io_only']['fps']:.2f} |",
+        f"| ratio sanitize / I/O | {f['ratio']:.3f} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def live_main(args: argparse.Namespace) -> None:
+    from streamguard.checkpoints import atomic_write_text
+
+    defense, model, options = camera_setup(args.recipe, not args.no_model)
+    sizes = [_size(v) for v in args.live_sizes.split(",") if v]
+    file_size = _size(args.file_size)
+    warm_up(defense, model, options, sizes[0] if sizes else file_size)
+    console = Console()
+    live = []
+    for size in sizes:
+        live.append(live_run(size, args.seconds, defense, model, options))
+        console.print(f"live {live[-1]['size']}: {live[-1]['fps']:.2f} frames/s, dropped {live[-1]['dropped']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = make_clip(Path(tmp) / "clip.mp4", args.file_frames, *file_size, 25)
+        io_runs, runs = [], []
+        for _ in range(args.repeats):  # interleaved, best of each: the machine may be shared
+            io_runs.append(file_run(clip, Path(tmp) / "io.mp4", None, None, options))
+            runs.append(file_run(clip, Path(tmp) / "sanitized.mp4", defense, model, options))
+    best_io, best = max(io_runs, key=lambda r: r["fps"]), max(runs, key=lambda r: r["fps"])
+    working = getattr(defense, "input_size", None)
+    result = {
+        "live": live,
+        "file": {"size": f"{file_size[0]}x{file_size[1]}", "frames": best["frames"], "sanitize": best,
+                 "io_only": best_io, "ratio": round(best["fps"] / best_io["fps"], 4) if best_io["fps"] else None,
+                 "all_sanitize_fps": [r["fps"] for r in runs], "all_io_fps": [r["fps"] for r in io_runs]},
+        "settings": {
+            "recipe": args.recipe, "defense": "synth-patchzero", "model": getattr(getattr(model, "spec", None), "name", None),
+            "pipeline": options, "temporal": defense.temporal, "detector_working_size": list(working) if working else None,
+            "seconds": args.seconds, "file_frames": args.file_frames, "repeats": args.repeats,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": "cpu",
+            "encoder": "libx264 crf 18 veryfast", "torch": torch.__version__, "av": av.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+        },
+    }
+    table = Table(title=f"live pipeline, {args.recipe} recipe, {args.seconds:g} s per size (paced at 25 fps)")
+    for column in ("size", "frames/s", "kept / offered", "dropped", "latency p50 (s)", "latency p95 (s)"):
+        table.add_column(column, justify="left" if column == "size" else "right")
+    for r in live:
+        table.add_row(r["size"], f"{r['fps']:.2f}", f"{r['frames']} / {r['offered']}", str(r["dropped"]),
+                      f"{r['latency_p50_s']:.3f}", f"{r['latency_p95_s']:.3f}")
+    console.print(table)
+    f = result["file"]
+    console.print(f"file sanitize {f['size']}: {f['sanitize']['fps']:.2f} frames/s; decode+encode alone "
+                  f"{f['io_only']['fps']:.2f} frames/s; ratio {f['ratio']:.3f}")
+    json_path = args.json or ROOT / "results" / "pipeline_live.json"
+    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(json_path.with_suffix(".md"), live_markdown(result))
+    console.print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=96)
@@ -88,10 +247,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions; the best is kept")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--json", type=Path, default=ROOT / "results" / "pipeline.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default: benchmarks/results/pipeline.json (--live: pipeline_live.json, plus .md)")
+    live = parser.add_argument_group("--live: the live path (issue #14)")
+    live.add_argument("--live", action="store_true", help="measure the live path instead of the stages")
+    live.add_argument("--live-sizes", default="640x480,1280x720,1920x1080", help="comma-separated WxH of the paced sources")
+    live.add_argument("--seconds", type=float, default=10.0, help="seconds of paced source per size")
+    live.add_argument("--file-size", default="1280x720", help="WxH of the file sanitize vs I/O comparison")
+    live.add_argument("--file-frames", type=int, default=100)
+    live.add_argument("--recipe", default="camera")
+    live.add_argument("--no-model", action="store_true", help="defense only (no downstream model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.live:
+        if "--repeats" not in __import__("sys").argv:
+            args.repeats = 1
+        live_main(args)
+        return
+    args.json = args.json or ROOT / "results" / "pipeline.json"
     width, height = (int(v) for v in args.size.lower().split("x"))
     defense = PatchZero(build_detector(args.backbone, aux=False), mean=(0.5, 0.5, 0.5)).eval()
 

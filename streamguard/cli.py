@@ -111,17 +111,52 @@ def _progress(description: str, total: int | None = None) -> Iterator[Callable[[
         yield update
 
 
+_FPS_WINDOW = 5.0  # seconds the status line's fps covers (clip pipelines write in bursts of clip_len frames)
+
+
+def _status_text(s: Status, fps: float) -> str:
+    return (f"{s.elapsed:6.1f} s  {s.written} frames  {fps:5.1f} fps  latency p50 {s.latency_p50:.2f} s "
+            f"p95 {s.latency_p95:.2f} s  dropped {s.dropped}  clips {s.clips}  detections {s.detections}")
+
+
 @contextmanager
-def _status_line(description: str) -> Iterator[Callable[[Status], None]]:
-    """A one-line live status (fps, latency, dropped, detections) for streams."""
-    if not _progress_enabled():
+def _status_line(description: str, every: float = 1.0) -> Iterator[Callable[[Status], None]]:
+    """A live status (fps over the last 5 s, latency p50/p95, dropped, clips, detections) for streams.
+
+    On a terminal it is one rich line updated in place; otherwise (a log file, a pipe) a plain
+    line on stderr every ``every`` seconds. Off with ``STREAMGUARD_NO_PROGRESS=1``.
+    """
+    if os.environ.get("STREAMGUARD_NO_PROGRESS", "") in {"1", "true", "yes"}:
         yield lambda status: None
+        return
+    from collections import deque
+
+    samples: deque[tuple[float, int]] = deque()  # (elapsed, written) of the last FPS_WINDOW seconds
+    printed = [float("-inf")]
+
+    def text(s: Status) -> str:
+        samples.append((s.elapsed, s.written))
+        while samples[0][0] < s.elapsed - _FPS_WINDOW:
+            samples.popleft()
+        dt = s.elapsed - samples[0][0]
+        fps = (s.written - samples[0][1]) / dt if dt > 0 else s.fps
+        return _status_text(s, fps)
+
+    if not err.is_terminal:
+
+        def plain(s: Status) -> None:
+            if s.elapsed - printed[0] >= every:
+                printed[0] = s.elapsed
+                print(f"{description}  {text(s)}", file=sys.stderr, flush=True)
+
+        yield plain
         return
     with err.status(description) as line:
 
         def update(s: Status) -> None:
-            line.update(f"{description}  {s.written} frames  {s.fps:5.1f} fps  latency {s.latency:.2f} s  "
-                        f"dropped {s.dropped}  clips {s.clips}  detections {s.detections}")
+            if s.elapsed - printed[0] >= every:
+                printed[0] = s.elapsed
+                line.update(f"{escape(description)}  {text(s)}")
 
         yield update
 
@@ -145,6 +180,7 @@ def _summary_rows(summary: Summary) -> dict[str, Any]:
         "mean masked area": summary.mean_masked_area,
         "clips classified": summary.clips,
         "detections": summary.detections,
+        "model stride": f"every {summary.vid_stride} ({summary.model_runs} model runs)" if summary.vid_stride > 1 else 1,
         "frames/s": summary.fps,
         "latency mean / p50 / p95 / max (s)": (
             f"{summary.latency_mean:.3f} / {summary.latency_p50:.3f} / {summary.latency_p95:.3f} / {summary.latency_max:.3f}"
@@ -215,6 +251,25 @@ def _device(name: str) -> Any:
 DetectorOpt = Annotated[str | None, typer.Option("--detector", help="PatchZero weights: shipped name or checkpoint path.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Downstream model: registry name, shipped weights or checkpoint.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device (cpu, cuda, cuda:1...).")]
+VidStrideOpt = Annotated[int, typer.Option("--vid-stride", min=1,
+    help="Run the model on every Nth clip window (clip models) or frame (frame detectors); PatchZero still sanitizes every frame.")]  # fmt: skip
+SnapshotOpt = Annotated[Path | None, typer.Option("--snapshot",
+    help="JPEG of input | mask | sanitized, rewritten atomically every --snapshot-every seconds.")]  # fmt: skip
+SnapshotEveryOpt = Annotated[float, typer.Option("--snapshot-every", min=0.01, help="Seconds between snapshots.")]
+DemuxerOpt = Annotated[list[str] | None, typer.Option("--demuxer-option", metavar="KEY=VALUE",
+    help="FFmpeg demuxer option, repeatable (e.g. rtsp_transport=udp, fflags=+nobuffer; KEY= drops a default). "
+         "Network streams default to flags=+low_delay, RTSP also to rtsp_transport=tcp.")]  # fmt: skip
+
+
+def _demuxer_options(pairs: list[str] | None) -> dict[str, str]:
+    """``--demuxer-option KEY=VALUE`` (repeatable) as a dict; ``ConfigError`` on a malformed one."""
+    options: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--demuxer-option {pair!r}: expected KEY=VALUE")
+        options[key.strip()] = value
+    return options
 
 
 @app.command()
@@ -231,20 +286,29 @@ def sanitize(
     overlay: Annotated[Path | None, typer.Option("--overlay", help="Side-by-side input | mask | sanitized MP4.")] = None,
     predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model.")] = None,
     device: DeviceOpt = "cpu",
+    vid_stride: VidStrideOpt = 1,
+    snapshot: SnapshotOpt = None,
+    snapshot_every: SnapshotEveryOpt = 1.0,
+    demuxer_option: DemuxerOpt = None,
 ) -> None:
-    """Repaint adversarial patches in a video; optionally run a downstream model on the result."""
+    """Repaint adversarial patches in a video; optionally run a downstream model on the result.
+
+    Every frame is processed, as fast as the machine allows (no pacing, nothing dropped); to run a
+    file as if it were a camera, use ``watch`` (paced at the file's frame rate).
+    """
     from .io import open_source
     from .pipeline import Pipeline
 
+    options = _demuxer_options(demuxer_option)
     rec = _recipe(recipe)
     net = _load_model(model, rec, device)
     if predictions is not None and net is None:
         raise ConfigError("--predictions needs a downstream model (--model or a recipe)")
     defense = _load_defense(detector, rec, net, threshold=threshold, dilate=dilate)
-    with open_source(input) as source:
+    with open_source(input, options=options) as source:
         pipeline = Pipeline(
             source, defense, net, output=output, predictions=predictions, overlay=overlay, device=_device(device),
-            **_pipeline_options(rec, clip_len, stride),
+            vid_stride=vid_stride, snapshot=snapshot, snapshot_every=snapshot_every, **_pipeline_options(rec, clip_len, stride),
         )
         with _progress(f"sanitize {Path(input).name}", source.frame_count) as on_progress:
             summary = pipeline.run(on_progress=on_progress)
@@ -263,21 +327,36 @@ def watch(
     predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model.")] = None,
     recipe: Annotated[str | None, typer.Option("--recipe", help="Recipe name (e.g. camera) or TOML path.")] = None,
     device: DeviceOpt = "cpu",
+    realtime: Annotated[bool | None, typer.Option("--realtime/--no-realtime",
+        help="Read at the source's own frame rate (ffmpeg -re). Default: on for files and lavfi graphs, off for "
+             "network streams and cameras (real time already); --no-realtime reads a file as fast as it decodes.")] = None,
+    demuxer_option: DemuxerOpt = None,
+    vid_stride: VidStrideOpt = 1,
+    snapshot: SnapshotOpt = None,
+    snapshot_every: SnapshotEveryOpt = 1.0,
 ) -> None:
-    """Sanitize a live stream (newest frames win; Ctrl-C stops and keeps what was recorded)."""
-    from .io import ReconnectingSource, open_source
+    """Sanitize a live stream (newest frames win; Ctrl-C stops and keeps what was recorded).
+
+    A file or lavfi graph is paced at its own frame rate, like a camera, so "dropped" counts the
+    frames the defense and model could not keep up with. A status line (fps, latency p50/p95,
+    drops) updates once a second on stderr.
+    """
+    from .io import ReconnectingSource, is_live_uri, open_source
     from .pipeline import Pipeline
 
+    options = _demuxer_options(demuxer_option)
+    paced = (not is_live_uri(source)) if realtime is None else realtime
     rec = _recipe(recipe)
     net = _load_model(model, rec, device)
     defense = _load_defense(detector, rec, net)
     if reconnect:
-        src = ReconnectingSource(source, attempts=reconnect, timeout=timeout)
+        src = ReconnectingSource(source, attempts=reconnect, timeout=timeout, options=options, realtime=paced)
     else:
-        src = open_source(source, live=True, timeout=timeout)
+        src = open_source(source, live=is_live_uri(source) or None, timeout=timeout, options=options, realtime=paced)
     with src:
-        pipeline = Pipeline(src, defense, net, output=output, predictions=predictions, duration=duration,
-                            device=_device(device), **_pipeline_options(rec, batch=1))
+        pipeline = Pipeline(src, defense, net, output=output, predictions=predictions, duration=duration, live=True,
+                            device=_device(device), vid_stride=vid_stride, snapshot=snapshot,
+                            snapshot_every=snapshot_every, **_pipeline_options(rec, batch=1))  # fmt: skip
         with _status_line(f"watch {source}") as on_progress:
             try:
                 summary = pipeline.run(on_progress=on_progress)
@@ -286,7 +365,8 @@ def watch(
             finally:
                 for event in getattr(src, "events", []):
                     err.print(f"[yellow]warning:[/] {escape(event)}")
-    rows = _summary_rows(summary) | ({"reconnects": src.reconnects} if reconnect else {})
+    rows = _summary_rows(summary) | {"paced (realtime)": "yes" if paced else "no"}
+    rows |= {"reconnects": src.reconnects} if reconnect else {}
     out.print(_summary_table("streamguard watch", rows))
 
 

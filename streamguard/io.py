@@ -24,6 +24,17 @@ Decisions worth knowing:
   :class:`ReconnectingSource` reopens the source instead, with backoff.
 * **Cameras.** ``/dev/videoN`` opens with FFmpeg's ``video4linux2`` input; when PyAV cannot open
   it (no v4l2 support in the build, an unsupported pixel format) OpenCV's ``VideoCapture`` is used.
+* **Real-time pacing** (``realtime=True``, ffmpeg's ``-re``). A file or a lavfi graph is read as
+  fast as it decodes; paced, each frame is handed out no earlier than its presentation time
+  (``Frame.time``) after the first one, on a monotonic clock started when iteration begins. A
+  jump in the timestamps (backwards, or more than :data:`PACING_MAX_GAP` seconds ahead) restarts
+  the clock instead of stalling. A paced source behaves like a camera, and the pipeline runs it in
+  live mode. ``VideoSource.paced_wait`` adds up the seconds spent waiting.
+* **Low latency.** Network streams open with :func:`demuxer_options`' defaults
+  (``flags=+low_delay``, and ``rtsp_transport=tcp`` for RTSP), each overridable with ``options``
+  (an empty value removes a default); ``fflags=+nobuffer`` is opt-in (see there why). Decoding uses frame threads
+  for files (throughput) and slice threads for live sources (no frames held back in the decoder);
+  ``flags=low_delay`` is also set on a live source's decoder.
 """
 
 from __future__ import annotations
@@ -53,6 +64,10 @@ NETWORK_SCHEMES = frozenset(
 MP4_AUDIO_COPY = frozenset({"aac", "mp3", "opus", "flac", "alac", "ac3", "eac3", "mp2"})
 DEFAULT_FPS = 25.0
 MAX_PIXELS = 7680 * 4320
+PACING_MAX_GAP = 2.0  # seconds: a larger jump between consecutive frames' times restarts the pacing clock
+LOW_DELAY_OPTIONS = {"flags": "+low_delay"}  # "+": added to FFmpeg's defaults
+RTSP_OPTIONS = {"rtsp_transport": "tcp"}
+_RTSP = frozenset({"rtsp", "rtsps"})
 _CAMERA = re.compile(r"/dev/video\d+")
 
 
@@ -80,11 +95,14 @@ class VideoSource:
     """
 
     def __init__(
-        self, container: Any, name: str, *, live: bool, tolerate_truncation: bool = False, max_pixels: int = MAX_PIXELS
+        self, container: Any, name: str, *, live: bool, tolerate_truncation: bool = False, max_pixels: int = MAX_PIXELS,
+        realtime: bool = False, codec_options: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.container = container
         self.is_live = live
+        self.realtime = realtime
+        self.paced_wait = 0.0
         self.tolerate_truncation = tolerate_truncation
         if not container.streams.video:
             container.close()
@@ -97,7 +115,9 @@ class VideoSource:
                 f"{name}: {width}x{height} frames ({width * height / 1e6:.1f} Mpixels) exceed the "
                 f"{max_pixels / 1e6:.1f} Mpixel limit"
             )
-        self.stream.thread_type = "AUTO"
+        self.stream.thread_type = "SLICE" if live else "FRAME"  # frame threads hold frames back: not live
+        if codec_options:
+            self.stream.codec_context.options = dict(codec_options)
         self.audio_stream = container.streams.audio[0] if container.streams.audio else None
         rate = self.stream.average_rate or self.stream.guessed_rate
         self.fps = float(rate) if rate else DEFAULT_FPS
@@ -119,6 +139,9 @@ class VideoSource:
             raise InputError(f"{self.name}: no decodable video frames") from None
 
     def __iter__(self) -> Iterator[Frame]:
+        return _paced(self._unpaced(), self) if self.realtime else self._unpaced()
+
+    def _unpaced(self) -> Iterator[Frame]:
         if self._peeked is not None:
             first, self._peeked = self._peeked, None
             yield first
@@ -212,6 +235,8 @@ class OpenCVSource(VideoSource):
         self.stream = None
         self.audio_stream = None
         self.fps = float(capture.get(cv2.CAP_PROP_FPS)) or DEFAULT_FPS
+        self.realtime = False
+        self.paced_wait = 0.0
         self.time_base = None
         self.frame_count = None
         self.decoded = 0
@@ -235,25 +260,73 @@ class OpenCVSource(VideoSource):
         self.capture.release()
 
 
+def _paced(frames: Iterator[Frame], source: VideoSource) -> Iterator[Frame]:
+    """``frames``, each handed out no earlier than its ``time`` after the first (see the module docstring)."""
+    anchor = last = None  # monotonic time of Frame.time 0; the previous frame's time
+    for frame in frames:
+        now = time.monotonic()
+        if anchor is None or frame.time < last or frame.time - last > PACING_MAX_GAP:
+            anchor = now - frame.time  # first frame or a timestamp jump: (re)start the clock here
+        elif (wait := anchor + frame.time - now) > 0:
+            time.sleep(wait)
+            source.paced_wait += wait
+        last = frame.time
+        yield frame
+
+
+def demuxer_options(uri: str, options: dict[str, str] | None = None) -> dict[str, str]:
+    """The demuxer/decoder options ``open_source`` uses for ``uri``: defaults, then ``options``.
+
+    Network streams default to low latency: ``flags=+low_delay`` (the decoder outputs frames as
+    soon as it can) and, for RTSP, ``rtsp_transport=tcp`` (no UDP packet loss behind firewalls and
+    NAT). Files and lavfi graphs get no defaults. An entry of ``options`` replaces a default; an
+    empty value removes it.
+
+    ``fflags=+nobuffer`` (ffplay's low-latency tip) is *not* a default: it discards the packets
+    read while probing the stream, keyframe included, so decoding starts only at the next keyframe
+    (measured: a 25 fps MPEG-TS stream with x264's default 250-frame GOP opened 10 s late; a lavfi
+    graph loses its first frame). What it saves, the probe packets' backlog, live mode drops
+    anyway (newest frames win). Pass it where the GOP is short and the first second matters.
+    """
+    scheme = urlparse(str(uri)).scheme
+    merged: dict[str, str] = {}
+    if scheme in NETWORK_SCHEMES:
+        merged |= LOW_DELAY_OPTIONS
+    if scheme in _RTSP:
+        merged |= RTSP_OPTIONS
+    merged |= {str(k): str(v) for k, v in (options or {}).items()}
+    return {k: v for k, v in merged.items() if v != ""}
+
+
+def is_live_uri(uri: str | os.PathLike[str]) -> bool:
+    """Whether ``uri`` is a live source (a network stream or a camera) rather than a file or lavfi graph."""
+    uri = str(uri)
+    return bool(_CAMERA.fullmatch(uri)) or urlparse(uri).scheme in NETWORK_SCHEMES
+
+
 def _open_av(uri: str, name: str, *, format: str | None, live: bool, timeout: float,
              tolerate_truncation: bool, options: dict[str, str] | None = None,
-             max_pixels: int = MAX_PIXELS) -> VideoSource:
+             max_pixels: int = MAX_PIXELS, realtime: bool = False) -> VideoSource:
+    options = options or {}
     try:
-        container = av.open(uri, format=format, options=options or {}, timeout=timeout if live else None)
+        container = av.open(uri, format=format, options=options, timeout=timeout if live else None)
     except av.error.ExitError:
         raise StreamError(f"{name}: no answer within {timeout:g} s") from None
     except (av.error.FFmpegError, OSError) as err:
         raise InputError(f"{name}: cannot open ({_first_line(err)})") from None
+    codec_options = {k: options[k] for k in ("flags", "flags2") if k in options}
     try:
-        return VideoSource(container, name, live=live, tolerate_truncation=tolerate_truncation, max_pixels=max_pixels)
+        return VideoSource(container, name, live=live, tolerate_truncation=tolerate_truncation, max_pixels=max_pixels,
+                           realtime=realtime, codec_options=codec_options)
     except BaseException:
         container.close()
         raise
 
 
-def _open_camera(uri: str, timeout: float) -> VideoSource:
+def _open_camera(uri: str, timeout: float, options: dict[str, str] | None = None) -> VideoSource:
     try:
-        return _open_av(uri, uri, format="video4linux2", live=True, timeout=timeout, tolerate_truncation=True)
+        return _open_av(uri, uri, format="video4linux2", live=True, timeout=timeout, tolerate_truncation=True,
+                        options=options)
     except (InputError, StreamError) as av_error:
         import cv2
 
@@ -271,6 +344,8 @@ def open_source(
     format: str | None = None,
     tolerate_truncation: bool = False,
     max_pixels: int = MAX_PIXELS,
+    realtime: bool = False,
+    options: dict[str, str] | None = None,
 ) -> VideoSource:
     """Open a file, a lavfi graph, a network stream or a camera.
 
@@ -279,22 +354,32 @@ def open_source(
     ``udp://``; ``live`` defaults to ``True`` for these), or ``/dev/videoN``. ``timeout`` bounds
     every blocking network read, so a stalled live source raises :class:`StreamError`. A stream
     whose frames have more than ``max_pixels`` pixels is refused (:class:`InputError`).
+
+    ``realtime=True`` paces the frames at the source's own rate (by their presentation times, as
+    ffmpeg's ``-re``): meant for files and lavfi graphs standing in for a camera; live sources are
+    real time already. ``options`` are FFmpeg demuxer options (``{"rtsp_transport": "udp"}``,
+    ``{"probesize": "32"}``...) merged over :func:`demuxer_options`' low-latency defaults for network
+    streams; ``flags``/``flags2`` also reach the decoder.
     """
     uri = str(uri)
     if uri.startswith("lavfi:") or format == "lavfi":
         graph = uri.removeprefix("lavfi:")
         return _open_av(graph, f"lavfi:{graph}", format="lavfi", live=bool(live), timeout=timeout,
-                        tolerate_truncation=tolerate_truncation, max_pixels=max_pixels)
+                        tolerate_truncation=tolerate_truncation, max_pixels=max_pixels, realtime=realtime,
+                        options=demuxer_options(graph, options))
     if _CAMERA.fullmatch(uri):
-        return _open_camera(uri, timeout)
+        return _open_camera(uri, timeout, demuxer_options(uri, options))  # real time already
     if urlparse(uri).scheme in NETWORK_SCHEMES:
-        return _open_av(uri, uri, format=format, live=True if live is None else live, timeout=timeout,
-                        tolerate_truncation=tolerate_truncation, max_pixels=max_pixels)
+        live = True if live is None else live
+        return _open_av(uri, uri, format=format, live=live, timeout=timeout,
+                        tolerate_truncation=tolerate_truncation, max_pixels=max_pixels, realtime=realtime,
+                        options=demuxer_options(uri, options))
     path = Path(uri)
     if not path.is_file():
         raise InputError(f"video not found: {path}")
     return _open_av(uri, uri, format=format, live=bool(live), timeout=timeout,
-                    tolerate_truncation=tolerate_truncation, max_pixels=max_pixels)
+                    tolerate_truncation=tolerate_truncation, max_pixels=max_pixels, realtime=realtime,
+                    options=demuxer_options(uri, options))
 
 
 class ReconnectingSource:
@@ -305,14 +390,18 @@ class ReconnectingSource:
     The frames form one stream: indices continue, ``pts`` continue on the first connection's time
     base (the outage is not kept as a gap), and every image has the first connection's size
     (resized if a reconnect brings another). ``events`` lists what happened, one line each.
-    Audio is not carried (``audio_stream`` is ``None``).
+    Audio is not carried (``audio_stream`` is ``None``). ``options`` and ``realtime`` are passed to
+    every :func:`open_source`.
     """
 
     MAX_BACKOFF = 8.0
 
-    def __init__(self, uri: str, *, attempts: int, timeout: float = 10.0, backoff: float = 0.25) -> None:
+    def __init__(self, uri: str, *, attempts: int, timeout: float = 10.0, backoff: float = 0.25,
+                 options: dict[str, str] | None = None, realtime: bool = False) -> None:
         self.uri, self.name = uri, uri
         self.attempts, self.timeout, self.backoff = attempts, timeout, backoff
+        self.options, self.realtime = options, realtime
+        self.paced_wait = 0.0
         self.is_live = True
         self.frame_count = None
         self.audio_stream = None
@@ -336,7 +425,8 @@ class ReconnectingSource:
                 if self._closed.wait(delay):
                     break
             try:
-                source = open_source(self.uri, live=True, timeout=self.timeout)
+                source = open_source(self.uri, live=True, timeout=self.timeout, options=self.options,
+                                     realtime=self.realtime)
             except (InputError, StreamError) as err:
                 reason = str(err).removeprefix(f"{self.uri}: ")
                 continue
@@ -359,7 +449,10 @@ class ReconnectingSource:
     def _frames_of(self, source: VideoSource) -> Iterator[Frame]:
         """``source``'s frames re-timed onto this stream's time line and resized to its size."""
         base: int | None = None
+        waited = source.paced_wait
         for frame in source:
+            self.paced_wait += source.paced_wait - waited
+            waited = source.paced_wait
             pts = frame.pts if frame.pts is not None and source.time_base else frame.index * self._step
             if source.time_base and source.time_base != self.time_base:
                 pts = round(pts * source.time_base / self.time_base)
@@ -554,4 +647,5 @@ class JsonlSink:
         self.abort() if exc_type is not None else self.close()
 
 
-__all__ = ["Frame", "VideoSource", "OpenCVSource", "ReconnectingSource", "open_source", "VideoSink", "JsonlSink", "NETWORK_SCHEMES"]
+__all__ = ["Frame", "VideoSource", "OpenCVSource", "ReconnectingSource", "open_source", "demuxer_options", "is_live_uri",
+           "VideoSink", "JsonlSink", "NETWORK_SCHEMES"]

@@ -16,7 +16,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from streamguard.cli import app
-from streamguard.detector import PatchZero, PSPNet, save_defense
+from streamguard.detector import PSPNet
+from streamguard.patchzero import PatchZero, save_defense
 from streamguard.io import open_source
 from streamguard.models import build_model, save_model
 from test_io import audio_packets, free_port, make_video, read_index
@@ -202,3 +203,78 @@ def test_watch_takes_a_recipe(tmp_path: Path, ckpts: dict[str, Path]) -> None:
     assert clips and all(len(r["topk"]) == 2 for r in clips)  # the recipe's topk; live windows may skip frames
     bad = runner.invoke(app, ["watch", "lavfi:testsrc", "--recipe", str(tmp_path / "absent.toml")])
     one_error_line(bad, 2, "recipe not found")
+
+
+def _table_value(output: str, row: str) -> str:
+    import re
+
+    match = re.search(rf"{re.escape(row)}\s*│\s*([^│]+?)\s*│", output)
+    assert match, output
+    return match.group(1)
+
+
+def test_watch_paces_a_file_prints_status_lines_and_snapshots(tmp_path: Path, ckpts: dict[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``watch`` on a 25 fps file reads it at 25 fps (not as fast as it decodes): about 50 frames in 2 s."""
+    import cv2
+
+    monkeypatch.setenv("STREAMGUARD_NO_PROGRESS", "0")  # stderr is not a terminal: plain status lines
+    src = make_video(tmp_path / "25fps.mp4", frames=150, fps=25, audio=False)
+    snap, preds = tmp_path / "snap.jpg", tmp_path / "p.jsonl"
+    result = runner.invoke(app, ["watch", str(src), "--duration", "2", "--detector", str(ckpts["none"]),
+                                 "--model", str(ckpts["model"]), "--predictions", str(preds), "--vid-stride", "2",
+                                 "--snapshot", str(snap), "--snapshot-every", "0.5"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    frames, dropped = int(_table_value(result.stdout, "frames")), int(_table_value(result.stdout, "dropped"))
+    assert 40 <= frames + dropped <= 60 and dropped <= 2  # paced; a tiny model keeps up
+    assert _table_value(result.stdout, "paced (realtime)") == "yes"
+    assert _table_value(result.stdout, "model stride").startswith("every 2")
+    status = [line for line in result.stderr.splitlines() if "latency p50" in line]
+    assert 1 <= len(status) <= 4 and all("fps" in line and "dropped" in line for line in status)
+    records = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert records and all(r["vid_stride"] == 2 for r in records)
+    assert len(records) <= (frames // 4 + 1) // 2 + 1  # every 2nd window of 4 frames
+    assert cv2.imread(str(snap)).shape == (48, 3 * 64, 3)
+    fast = runner.invoke(app, ["watch", str(src), "--no-realtime", "--detector", str(ckpts["none"])])
+    assert fast.exit_code == 0, fast.output
+    assert _table_value(fast.stdout, "paced (realtime)") == "no"
+    assert int(_table_value(fast.stdout, "frames")) + int(_table_value(fast.stdout, "dropped")) == 150
+
+
+def test_watch_demuxer_options_reach_the_container(tmp_path: Path, ckpts: dict[str, Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamguard.io
+
+    opened = []
+    real_open = streamguard.io.open_source
+
+    def spy(*args, **kwargs):
+        source = real_open(*args, **kwargs)
+        opened.append((kwargs, source.container.flags))
+        return source
+
+    monkeypatch.setattr(streamguard.io, "open_source", spy)
+    result = runner.invoke(app, ["watch", "lavfi:testsrc=size=32x32:rate=25", "--duration", "0.3", "--detector",
+                                 str(ckpts["none"]), "--demuxer-option", "fflags=+nobuffer",
+                                 "--demuxer-option", "probesize=32"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (kwargs, flags), = opened
+    assert kwargs["options"] == {"fflags": "+nobuffer", "probesize": "32"} and kwargs["realtime"] is True
+    assert flags & 0x40  # AVFMT_FLAG_NOBUFFER set on the container
+    bad = runner.invoke(app, ["watch", "lavfi:testsrc", "--demuxer-option", "fflags", "--detector", str(ckpts["none"])])
+    one_error_line(bad, 2, "--demuxer-option", "KEY=VALUE")
+
+
+def test_sanitize_vid_stride_and_snapshot(tmp_path: Path, ckpts: dict[str, Path]) -> None:
+    src = make_video(tmp_path / "in.mp4", frames=16, audio=False)
+    out, preds, snap = tmp_path / "out.mp4", tmp_path / "p.jsonl", tmp_path / "snap.jpg"
+    result = runner.invoke(app, ["sanitize", str(src), "-o", str(out), "--detector", str(ckpts["none"]),
+                                 "--model", str(ckpts["model"]), "--predictions", str(preds), "--stride", "4",
+                                 "--vid-stride", "2", "--snapshot", str(snap)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [(r["start_frame"], r["vid_stride"]) for r in records] == [(0, 2), (8, 2)]
+    assert _table_value(result.stdout, "model stride") == "every 2 (2 model runs)"
+    with open_source(out) as res:
+        assert res.frame_count == 16  # every frame sanitized and written
+    assert snap.read_bytes()[:2] == b"\xff\xd8"

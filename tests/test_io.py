@@ -281,3 +281,63 @@ def test_stale_partial_files_of_dead_writers_are_removed(tmp_path: Path) -> None
     assert not stale.exists(), "a dead writer's partial file was kept"
     assert other_output.exists() and running_writer.exists(), "only this output's dead writers' files may go"
     assert (tmp_path / "out.mp4").is_file()
+
+
+def test_realtime_paces_a_file_at_its_frame_rate(tmp_path: Path) -> None:
+    """``realtime=True`` (ffmpeg's -re): a 25 fps file read for about 2 s gives about 50 frames."""
+    path = make_video(tmp_path / "25fps.mp4", frames=100, fps=25, audio=False)
+    with open_source(path, realtime=True) as src:
+        assert src.realtime and not src.is_live
+        frames, tic = [], time.monotonic()
+        for frame in src:
+            if time.monotonic() - tic > 2.0:
+                break
+            frames.append(frame)
+        waited = src.paced_wait
+    assert 40 <= len(frames) <= 60
+    assert [read_index(f.image) for f in frames] == [i % 16 for i in range(len(frames))]
+    assert waited > 1.0  # the time went into pacing, not decoding
+    with open_source(path) as src:  # unpaced: the whole file, no waiting
+        assert len(list(src)) == 100 and src.paced_wait == 0
+
+
+def test_realtime_restarts_the_clock_on_a_timestamp_jump(tmp_path: Path) -> None:
+    """A 60 s gap in the timestamps does not stall a paced read for 60 s."""
+    path = tmp_path / "gap.mp4"
+    with VideoSink(path, 32, 32, 25, time_base=Fraction(1, 25)) as sink:
+        for i, pts in enumerate([0, 1, 2, 3, 1500, 1501, 1502, 1503]):
+            sink.write(pattern(i, 32, 32), pts=pts)
+    tic = time.monotonic()
+    with open_source(path, realtime=True) as src:
+        times = [f.time for f in src]
+    assert times[4] == pytest.approx(60.0, abs=0.01) and len(times) == 8
+    assert time.monotonic() - tic < 3.0  # about 6 frame intervals, not a minute
+
+
+def test_demuxer_options_defaults_and_overrides() -> None:
+    from streamguard.io import demuxer_options, is_live_uri
+
+    assert demuxer_options("rtsp://cam/stream") == {"flags": "+low_delay", "rtsp_transport": "tcp"}
+    assert demuxer_options("tcp://127.0.0.1:5000") == {"flags": "+low_delay"}
+    assert demuxer_options("clip.mp4") == {} and demuxer_options("testsrc=size=32x32") == {}
+    assert demuxer_options("rtsp://cam/stream", {"rtsp_transport": "udp", "flags": "", "fflags": "+nobuffer", "probesize": 32}) == {
+        "rtsp_transport": "udp", "fflags": "+nobuffer", "probesize": "32"}
+    assert is_live_uri("rtsp://cam") and is_live_uri("/dev/video0") and not is_live_uri("clip.mp4")
+    assert not is_live_uri("lavfi:testsrc")
+
+
+def test_demuxer_options_reach_the_container_and_decoder(tmp_path: Path) -> None:
+    nobuffer, low_delay = 0x40, 1 << 19  # AVFMT_FLAG_NOBUFFER, AV_CODEC_FLAG_LOW_DELAY
+    graph = "lavfi:testsrc=size=32x32:rate=8:duration=1"
+    with open_source(graph) as src:
+        assert not src.container.flags & nobuffer and not src.stream.codec_context.flags & low_delay
+        assert src.stream.thread_type.name == "FRAME"  # files and graphs: frame threads (throughput)
+    with open_source(graph, options={"fflags": "+nobuffer", "flags": "+low_delay"}) as src:
+        assert src.container.flags & nobuffer and src.stream.codec_context.flags & low_delay
+    with open_source(graph, live=True) as src:
+        assert src.stream.thread_type.name == "SLICE" and len(list(src)) == 8  # live: no frames held back
+    raw = tmp_path / "clip.rgb"  # headerless: opens only with the rawvideo demuxer's options
+    raw.write_bytes(b"".join(pattern(i, 24, 32).tobytes() for i in range(5)))
+    with open_source(raw, format="rawvideo", options={"video_size": "32x24", "pixel_format": "rgb24", "framerate": "10"}) as src:
+        assert (src.width, src.height, src.fps) == (32, 24, 10.0)
+        assert [read_index(f.image) for f in src] == list(range(5))

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from streamguard.detector import PatchZero, PSPNet
+from streamguard.detector import PSPNet
+
+from streamguard.patchzero import PatchZero
 from streamguard.errors import InputError
 from streamguard.io import open_source
 from streamguard.models import ModelSpec, build_model
@@ -104,8 +106,8 @@ def test_clip_predictions_match_direct_model_call(tmp_path: Path) -> None:
     with open_source(src_path) as src:
         Pipeline(src, None, model, predictions=tmp_path / "p.jsonl", stride=4).run()
     with open_source(src_path) as src:
-        x = torch.from_numpy(np.stack([f.image for f in src])).permute(3, 0, 1, 2).float() / 255
-    clips = torch.nn.functional.interpolate(x.permute(1, 0, 2, 3), size=(16, 16), mode="bilinear", antialias=True)
+        x = torch.from_numpy(np.stack([f.image for f in src])).permute(0, 3, 1, 2)  # (8, 3, H, W) uint8
+    clips = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", antialias=True).float() / 255  # in uint8
     clips = clips.permute(1, 0, 2, 3).unflatten(1, (2, 4)).permute(1, 0, 2, 3, 4)  # (2, 3, 4, 16, 16)
     with torch.no_grad():
         expected = model(clips).softmax(1).max(1)
@@ -216,3 +218,75 @@ def test_overlay_panels() -> None:
     assert panels.shape == (32, 120, 3)
     assert (panels[15, 40 + 15] == (255, 0, 0)).all() and (panels[15, 80 + 15] == 128).all()
     assert (panels[10, 10] == (255, 0, 0)).all()  # outline on the input panel
+
+
+def test_paced_file_runs_live_and_a_fast_defense_keeps_up(tmp_path: Path) -> None:
+    src_path = make_video(tmp_path / "25fps.mp4", frames=100, fps=25, audio=False)
+    statuses = []
+    with open_source(src_path, realtime=True) as src:
+        summary = Pipeline(src, KnownMask(), clip_len=4, batch=1, duration=2.0).run(statuses.append, interval=0.1)
+    assert summary.live  # a paced source behaves like a camera: newest frames win
+    assert 40 <= summary.frames <= 60 and summary.dropped == 0
+    assert summary.stage_busy["decode"] < 1.0  # pacing waits are not counted as decode work
+    assert 0 < statuses[-1].latency_p50 <= statuses[-1].latency_p95
+    with open_source(src_path) as src:  # not paced: file mode, as before
+        assert not Pipeline(src, KnownMask()).live
+
+
+def test_unpaced_live_graph_still_drops_under_load() -> None:
+    with open_source("lavfi:testsrc=size=32x32:rate=25:duration=2", live=True) as src:
+        assert not src.realtime
+        tic = time.monotonic()
+        summary = Pipeline(src, KnownMask(delay=0.05), clip_len=2).run()
+    assert summary.live and summary.dropped > 20 and summary.frames + summary.dropped == 50
+    assert time.monotonic() - tic < 1.9  # read as fast as it decodes, not at 25 fps
+
+
+def test_vid_stride_runs_the_model_on_every_nth_window_or_frame(tmp_path: Path) -> None:
+    src_path = make_video(tmp_path / "in.mp4", frames=16, audio=False, image_fn=patched)
+    model = tiny_classifier(4)
+    with open_source(src_path) as src:
+        every = Pipeline(src, KnownMask(), model, predictions=tmp_path / "all.jsonl", stride=4).run()
+    with open_source(src_path) as src:
+        half = Pipeline(src, KnownMask(), model, predictions=tmp_path / "half.jsonl", stride=4,
+                        vid_stride=2, output=tmp_path / "out.mp4").run()
+    all_records = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "half.jsonl").read_text().splitlines()]
+    assert (every.clips, half.clips, half.model_runs, half.vid_stride) == (4, 2, 2, 2)
+    assert [r["start_frame"] for r in records] == [0, 8] and all(r["vid_stride"] == 2 for r in records)
+    assert [r["topk"] for r in records] == [all_records[0]["topk"], all_records[2]["topk"]]
+    assert (half.frames, half.frames_with_patches) == (16, 16)  # the defense still ran on every frame
+    with open_source(tmp_path / "out.mp4") as res:
+        assert all(np.abs(f.image[SQUARE].astype(float) - 128).mean() < 4 for f in res)
+    with open_source(src_path) as src:
+        det = Pipeline(src, KnownMask(), SlowFrameDetector(), predictions=tmp_path / "d.jsonl", clip_len=4,
+                       vid_stride=3).run()
+    frames = [json.loads(line)["frame"] for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert frames == [0, 3, 6, 9, 12, 15] and det.detections == 6 and det.model_runs == 6
+    with pytest.raises(ValueError, match="vid_stride"):
+        Pipeline(src, vid_stride=0)
+
+
+def test_snapshot_is_an_atomic_jpeg_of_input_mask_sanitized(tmp_path: Path) -> None:
+    import cv2
+
+    from streamguard.errors import ConfigError
+
+    src_path = make_video(tmp_path / "in.mp4", frames=12, audio=False, image_fn=patched)
+    snap = tmp_path / "snaps" / "live.jpg"
+    with open_source(src_path) as src:
+        summary = Pipeline(src, KnownMask(), snapshot=snap, snapshot_every=1000.0, clip_len=4).run()
+    assert summary.snapshots == 1 and summary.outputs["snapshot"] == str(snap)  # the first frame, then every 1000 s
+    data = snap.read_bytes()
+    assert data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"  # a whole JPEG
+    image = cv2.cvtColor(cv2.imread(str(snap)), cv2.COLOR_BGR2RGB)
+    assert image.shape == (48, 3 * 64, 3)
+    assert read_index(image[:, :64]) == 0  # the input panel is frame 0
+    assert np.abs(image[SQUARE[0], 128 + 44: 128 + 52].astype(float) - 128).mean() < 8  # sanitized panel: gray
+    assert (np.abs(image[SQUARE[0], 64 + 44: 64 + 52].astype(float) - (255, 0, 0)).mean(-1) < 40).mean() > 0.9  # mask panel
+    assert sorted(p.name for p in snap.parent.iterdir()) == ["live.jpg"]  # no temporary file left
+    with open_source(src_path) as src:
+        again = Pipeline(src, KnownMask(), snapshot=snap, snapshot_every=1e-9, clip_len=4).run()
+    assert again.snapshots >= 2
+    with open_source(src_path) as src, pytest.raises(ConfigError, match="JPEG"):
+        Pipeline(src, KnownMask(), snapshot=tmp_path / "snap.png")
