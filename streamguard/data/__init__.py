@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..recipes import DataSection
 from .boxes import BoxClips, crop_resize_boxes, load_boxes
+from .footage import FootageClips, build_footage, find_sources  # noqa: F401 (re-exported)
 from .synthmotion import (
     BACKGROUNDS,
     SYNTH_CLASSES,
