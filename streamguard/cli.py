@@ -98,7 +98,13 @@ def _progress(description: str, total: int | None = None) -> Iterator[Callable[[
     if not _progress_enabled():
         yield lambda status: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[fps]:6.1f} frames/s"), TimeElapsedColumn())
@@ -222,17 +228,12 @@ def _pipeline_options(recipe: Recipe | None, clip_len: int | None = None, stride
 
 
 def _load_defense(ref: str | None, recipe: Recipe | None, model: Any, **overrides: Any) -> Any:
-    from .checkpoints import DEFAULT_DETECTOR
-    from .detector import load_defense
+    """PatchZero from ``--detector`` (else the recipe's, else the shipped default), the recipe's
+    ``[defense]`` settings and the command line's overrides, repainting with the model's mean."""
+    from .patchzero import build_defense
 
-    if recipe is not None:
-        d = recipe.defense
-        ref = ref or d.weights
-        defaults = {"threshold": d.threshold, "dilate": d.dilate, "temporal": d.temporal, "ema": d.ema}
-        overrides = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
-    if model is not None:
-        overrides["mean"] = tuple(model.spec.mean)
-    return load_defense(ref or DEFAULT_DETECTOR, **overrides)
+    mean = model.spec.mean if model is not None else None
+    return build_defense(recipe.defense if recipe is not None else None, weights=ref, mean=mean, **overrides)
 
 
 def _device(name: str) -> Any:
@@ -400,7 +401,13 @@ def _count_progress(description: str, total: int) -> Iterator[Callable[[int, int
     if not _progress_enabled():
         yield lambda done, total: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
         task = bar.add_task(description, total=total)
@@ -439,6 +446,52 @@ def data_synth(
     }))  # fmt: skip
 
 
+@data_app.command("footage")
+def data_footage(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (train/, test/, footage.json).")],
+    folders: Annotated[list[Path] | None, typer.Argument(help="Folders (or files) of videos and photos; default: the "
+        "Debian opencv-doc, gnome-backgrounds and mate-backgrounds folders and scikit-image's photos that exist.")] = None,
+    size: Annotated[int, typer.Option("--size", min=16, help="Clip side in pixels (even): the detector's working scale.")] = 64,
+    clip_len: Annotated[int, typer.Option("--clip-len", min=1, help="Frames per clip.")] = 16,
+    clips_per_video: Annotated[int, typer.Option("--clips-per-video", min=1, help="Clips cut from each video.")] = 24,
+    clips_per_photo: Annotated[int, typer.Option("--clips-per-photo", min=1, help="Clips (synthetic camera motion) per photo.")] = 4,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", min=0.0, max=0.99, help="Share of source groups held out (vtest.avi always is).")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Everything is a function of this seed (the split is not: it follows file names).")] = 0,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Processes rendering sources.")] = 1,
+) -> None:
+    """Real footage and photos as benign training backgrounds for the patch detector: short clips, offline."""
+    import json
+    import warnings
+
+    from .data.footage import FootageWarning, build_footage, default_folders
+
+    chosen = list(folders or default_folders())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FootageWarning)
+        with _count_progress("footage", 0) as on_progress:
+            root = build_footage(chosen, output, size=size, clip_len=clip_len, clips_per_video=clips_per_video,
+                                 clips_per_photo=clips_per_photo, test_fraction=test_fraction, seed=seed, workers=workers,
+                                 on_progress=on_progress)  # fmt: skip
+    for w in caught:
+        err.print(f"warning: {escape(str(w.message))}")
+    meta = json.loads((root / "footage.json").read_text())
+    kinds = {k: sum(s["kind"] == k for s in meta["sources"]) for k in ("video", "photo")}
+    held = {k: sum(s["kind"] == k and s["split"] == "test" for s in meta["sources"]) for k in ("video", "photo")}
+    megabytes = sum(p.stat().st_size for p in root.glob("*/*.npy")) / 2**20
+    out.print(_summary_table("streamguard data footage", {
+        "output": root,
+        "folders": ", ".join(meta["folders"]) or "-",
+        "videos (of them test)": f"{kinds['video']} ({held['video']})",
+        "photos (of them test)": f"{kinds['photo']} ({held['photo']})",
+        "skipped files": len(meta["skipped"]),
+        "clips (train / test)": f"{meta['counts']['train']} / {meta['counts']['test']}",
+        "clip": f"{clip_len} frames x {size}x{size}",
+        "seed": seed,
+        "size on disk (MiB)": megabytes,
+        "wall time (s)": meta["seconds"],
+    }))  # fmt: skip
+
+
 # ---------------------------------------------------------------- evaluate
 
 
@@ -458,7 +511,15 @@ def evaluate_command(
     (Table 3), and PatchZero's pixel metrics (Table 5a)."""
     from dataclasses import replace
 
-    from .evaluation import evaluate, is_frame_report, save_markdown, table3, table4, table5a, table5a_rows
+    from .evaluation import (
+        evaluate,
+        is_frame_report,
+        save_markdown,
+        table3,
+        table4,
+        table5a,
+        table5a_rows,
+    )
     from .recipes import load_recipe
 
     rec = load_recipe(recipe)
@@ -511,7 +572,14 @@ def _train_progress(description: str) -> Iterator[Callable[[int, int, dict[str, 
     if not _progress_enabled():
         yield lambda step, total, metrics: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -596,7 +664,11 @@ def train_detector_command(
 ) -> None:
     """Train the PatchZero detector; stage 1 first completes the attack cache."""
     from .checkpoints import get_weights
-    from .training import build_attack_cache, train_detector_stage1, train_detector_stage2
+    from .training import (
+        build_attack_cache,
+        train_detector_stage1,
+        train_detector_stage2,
+    )
 
     rec = _train_recipe(recipe, steps, output)
     if model is not None:

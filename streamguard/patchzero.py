@@ -126,7 +126,8 @@ class PatchZero(nn.Module):
             "temperature": self.temperature,
         }
         if isinstance(self.detector, PSPNet):
-            meta.update(backbone=self.detector.backbone, width=self.detector.width, aux=self.detector.aux)
+            d = self.detector
+            meta.update(backbone=d.backbone, width=d.width, aux=d.aux, refine=d.refine)
         return meta
 
     def reset(self) -> None:
@@ -275,7 +276,7 @@ def _restore(t: Tensor, frames: bool) -> Tensor:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-_DETECTOR_KEYS = ("backbone", "width", "aux")
+_DETECTOR_KEYS = ("backbone", "width", "aux", "refine")
 _DEFENSE_KEYS = ("mean", "threshold", "dilate", "temporal", "ema", "input_size", "bpda", "temperature")
 
 
@@ -305,7 +306,7 @@ def load_defense(ref: str | os.PathLike[str] | Weights, **overrides: Any) -> Pat
     if "mean" not in meta:
         raise CheckpointError(f"{weights.path}: no 'mean' in its metadata; pass mean=... (the model's dataset mean)")
     aux = meta.get("aux", any(k.startswith("aux_head.") for k in state_dict))
-    detector = PSPNet(meta["backbone"], aux=aux, width=meta.get("width", 1.0))
+    detector = PSPNet(meta["backbone"], aux=aux, width=meta.get("width", 1.0), refine=meta.get("refine", False))
     built = f"{meta['backbone']} width {detector.width:g}"
     stored = f"{saved.get('backbone', '?')} width {float(saved.get('width', 1.0)):g}" if saved else "no metadata"
     load_state_dict_checked(detector, state_dict, f"checkpoint {weights.path} (saved: {stored}; built: {built})")

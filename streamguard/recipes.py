@@ -142,6 +142,23 @@ class PatchesTrainSection:
 
 
 @dataclass
+class RaceTrainSection:
+    """Stage 2's race for clip classifiers (issue #16): a pool of warm-started BPDA patches, each
+    continued ``iters`` iterations when drawn, mixed with DO, procedural and benign clips."""
+
+    pool: int = 64  # warm-started patches (one training clip, place, size and content each)
+    draw: int = 4  # pool patches continued and trained on per step
+    iters: int = 4  # BPDA iterations per draw
+    refresh: int = 1  # pool entries replaced by fresh ones (new place, random content) per step
+    method: Literal["pgd", "apgd"] = "pgd"
+    do: int = 1  # cached DO clips per step, so the DO rows do not regress
+    procedural: int = 1  # procedural patches per step ([train.patches] textures)
+    benign: int = 2
+    task_weight: float = 0.0  # weight of the downstream loss on the sanitized attacked clips (through the soft mask)
+    eval_iters: int = 20  # the held-out race: a fresh BPDA PGD of this many iterations on train.eval_videos clips
+
+
+@dataclass
 class TrainSection:
     output: str = "runs/train"
     steps: int = 1000
@@ -160,6 +177,7 @@ class TrainSection:
     classifier: ClassifierTrainSection = field(default_factory=ClassifierTrainSection)
     frame_detector: FrameDetectorTrainSection = field(default_factory=FrameDetectorTrainSection)
     patches: PatchesTrainSection = field(default_factory=PatchesTrainSection)
+    race: RaceTrainSection = field(default_factory=RaceTrainSection)
 
 
 @dataclass
@@ -359,6 +377,7 @@ __all__ = [
     "ClassifierTrainSection",
     "FrameDetectorTrainSection",
     "PatchesTrainSection",
+    "RaceTrainSection",
     "load_recipe",
     "parse_recipe",
     "find_recipe",

@@ -251,24 +251,96 @@ def test_stage1_resume_is_bit_identical(tmp_path: Path, synth: Path, victim: Pat
     assert_same_weights(state(a.path), state(b.path))
 
 
-def test_stage2_step_trains_against_bpda(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
-    r = recipe(tmp_path, synth, victim, steps=1, eval_every=1)
+PATCHES = {"textures": ["uniform", "stripes", "checker"], "procedural": 1.0}
+
+
+def test_stage1_trains_on_procedural_patches(
+    tmp_path: Path, synth: Path, victim: Path, stage1: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half of every batch carries a procedural patch (no cache needed), and resume stays bit-exact."""
+    import streamguard.training.stages as stages
+
+    seen: list[float] = []
+    step = stages._detector_step
+
+    def spy(detector: Any, optimizer: Any, x: torch.Tensor, mask: torch.Tensor, aux_weight: float) -> Any:
+        seen.append(mask.flatten(1).amax(1).sum().item())  # clips with a patch
+        return step(detector, optimizer, x, mask, aux_weight)
+
+    monkeypatch.setattr(stages, "_detector_step", spy)
+    missing_cache = str(tmp_path / "no-cache")
+    full = recipe(tmp_path / "a", synth, victim, steps=3, cache=missing_cache, checkpoint_every=10, patches=PATCHES)
+    a = train_detector_stage1(full, detector_kwargs=TINY_PSP)
+    assert seen == [2, 2, 2]  # batch 4: 2 benign + 2 procedural, none from the (absent) cache
+    killed = recipe(tmp_path / "b", synth, victim, steps=1, cache=missing_cache, checkpoint_every=1, patches=PATCHES)
+    train_detector_stage1(killed, detector_kwargs=TINY_PSP)
+    resumed = recipe(tmp_path / "b", synth, victim, steps=3, cache=missing_cache, checkpoint_every=1, patches=PATCHES)
+    b = train_detector_stage1(resumed, detector_kwargs=TINY_PSP, resume=True)
+    assert_same_weights(state(a.path), state(b.path))
+    other = {**PATCHES, "textures": ["fractal"]}
+    with pytest.raises(ConfigError, match="patches"):
+        train_detector_stage1(recipe(tmp_path / "b", synth, victim, steps=4, cache=missing_cache, patches=other),
+                              detector_kwargs=TINY_PSP, resume=True)  # fmt: skip
+
+
+def test_stage1_refine_decoder_is_saved_and_loaded(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    from streamguard.patchzero import load_defense
+
+    r = recipe(tmp_path, synth, victim, steps=1, cache=str(stage1.parent.parent / "cache"))
+    r.defense.refine = True
+    result = train_detector_stage1(r, detector_kwargs=TINY_PSP)
+    defense = load_defense(result.path)
+    assert defense.detector.refine and defense.input_size == (32, 32)
+    assert defense.mask(torch.rand(1, 3, 2, 96, 96)).shape == (1, 1, 2, 96, 96)
+
+
+RACE = {"pool": 6, "draw": 2, "iters": 1, "refresh": 1, "do": 1, "procedural": 0, "benign": 1, "eval_iters": 2}
+
+
+def race_recipe(tmp: Path, synth: Path, victim: Path, stage1: Path, **train: Any) -> Recipe:
+    return recipe(tmp, synth, victim, cache=str(stage1.parent.parent / "cache"), race=RACE, **train)
+
+
+def test_stage2_race_trains_against_bpda(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    r = race_recipe(tmp_path, synth, victim, stage1, steps=2, eval_every=1)
     result = train_detector_stage2(r, init=stage1, eval_videos=4)
-    assert result.steps == 1 and set(result.metrics) >= {"loss", "f1", "robust_acc", "clean_acc"}
+    assert result.steps == 2
+    assert set(result.metrics) >= {"loss", "f1", "robust_acc", "clean_acc", "race_recall", "pool_fooled", "pool_iters"}
     assert 0 <= result.metrics["robust_acc"] <= result.metrics["clean_acc"] + 1e-6
     before, after = state(stage1), state(result.path)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
     _, meta = load_checkpoint(result.path)
-    assert meta["stage"] == 2 and meta["init"] == str(stage1)
+    assert meta["stage"] == 2 and meta["init"] == str(stage1) and meta["best_step"] in (1, 2)
+    pool, _ = load_checkpoint(tmp_path / "run" / "detector-stage2-state.pt")
+    assert pool["buffers"]["pool"]["content"].shape[0] == RACE["pool"]
+    assert 0 < pool["buffers"]["pool"]["iters"].sum() <= 2 * RACE["draw"] * RACE["iters"]  # refreshed ones restart
 
 
-def test_stage2_stops_when_the_race_converges(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
-    r = recipe(tmp_path, synth, victim, steps=20, eval_every=1, patience=1)
+def test_stage2_race_resumes_exactly_pool_included(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    full = race_recipe(tmp_path / "a", synth, victim, stage1, steps=3, eval_every=10, checkpoint_every=10)
+    train_detector_stage2(full, init=stage1, eval_videos=2)
+    killed = race_recipe(tmp_path / "b", synth, victim, stage1, steps=1, eval_every=10, checkpoint_every=1)
+    train_detector_stage2(killed, init=stage1, eval_videos=2)
+    resumed = race_recipe(tmp_path / "b", synth, victim, stage1, steps=3, eval_every=10, checkpoint_every=1)
+    train_detector_stage2(resumed, init=stage1, eval_videos=2, resume=True)
+    # the last weights (the outputs are each run's best, and the killed run was scored at its step 1)
+    sa = load_checkpoint(tmp_path / "a" / "run" / "detector-stage2-state.pt")[0]
+    sb = load_checkpoint(tmp_path / "b" / "run" / "detector-stage2-state.pt")[0]
+    assert_same_weights(sa["model"], sb["model"])
+    pa, pb = sa["buffers"]["pool"], sb["buffers"]["pool"]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_stage2_keeps_the_best_race_checkpoint_and_stops(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    r = race_recipe(tmp_path, synth, victim, stage1, steps=12, eval_every=1, patience=2)
     result = train_detector_stage2(r, init=stage1, eval_videos=2)
-    robust = [h["robust_acc"] for h in result.history]
-    # robust accuracy of 2 clips can rise at most twice: the run must stop at its first non-rise
-    assert result.stopped_early and result.steps == len(robust) < 20
-    assert all(b > a for a, b in zip(robust[:-2], robust[1:-1])) and robust[-1] <= max(robust[:-1])
+    _, meta = load_checkpoint(result.path)
+    best = next(h for h in result.history if h["step"] == meta["best_step"])
+    assert result.metrics["robust_acc"] == best["robust_acc"]
+    later = [h for h in result.history if h["step"] > meta["best_step"]]
+    assert result.stopped_early == (result.steps < 12) and (not result.stopped_early or len(later) == 2)
+    best_weights = state(tmp_path / "run" / "detector-stage2-best.pt")
+    assert_same_weights(best_weights, state(result.path))
 
 
 # ---------------------------------------------------------------- command line

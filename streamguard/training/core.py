@@ -33,6 +33,7 @@ ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 _SALT = {
     "classifier": 1, "benign": 2, "attacked": 3, "augment": 4, "cache": 5, "stage2": 6, "eval": 7, "torch": 8, "frames": 9,
+    "patches": 10, "footage": 11, "pool": 12, "race": 13,
 }  # fmt: skip
 
 
@@ -145,10 +146,11 @@ class Run:
     config: dict[str, Any]
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    buffers: dict[str, Any] = field(default_factory=dict)  # more tensors a resume needs (stage 2's patch pool)
 
     def save(self) -> None:
         tensors, rng_meta = _rng_state()
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **tensors}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "buffers": self.buffers, **tensors}
         order = {"scheme": "epoch-permutation", "seed": self.config["seed"], "step": self.step}
         meta = {"step": self.step, "config": self.config, "extra": self.extra, "data_order": order, **rng_meta}
         save_checkpoint(self.path, state, meta)
@@ -166,7 +168,7 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state, meta)
-        self.step, self.extra = int(meta["step"]), dict(meta["extra"])
+        self.step, self.extra, self.buffers = int(meta["step"]), dict(meta["extra"]), dict(state.get("buffers", {}))
 
 
 def run_config(recipe: Recipe, **extra: Any) -> dict[str, Any]:

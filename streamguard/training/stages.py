@@ -7,15 +7,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..metrics import pixel_scores
+from ..patches import procedural_patch
 from ..recipes import Recipe, recipe_to_dict
 from .attack_cache import (
     AttackCache,
@@ -26,6 +30,7 @@ from .attack_cache import (
 )
 from .augment import clip_frames
 from .core import (
+    InMemory,
     ProgressFn,
     Run,
     StepRNG,
@@ -40,12 +45,14 @@ from .core import (
     train_loop,
     write_sidecar,
 )
+from .race import PatchPool, PoolEntry, patch_attack
 
 
 def _detector(recipe: Recipe, detector_kwargs: dict[str, Any] | None) -> nn.Module:
     from ..detector import PSPNet
 
-    return PSPNet(recipe.defense.backbone, aux=True, **{"width": recipe.defense.width, **(detector_kwargs or {})})
+    d = recipe.defense
+    return PSPNet(d.backbone, aux=True, **{"width": d.width, "refine": d.refine, **(detector_kwargs or {})})
 
 
 def _patchzero(recipe: Recipe, detector: nn.Module, mean: Sequence[float], bpda: bool = False) -> nn.Module:
@@ -57,15 +64,27 @@ def _patchzero(recipe: Recipe, detector: nn.Module, mean: Sequence[float], bpda:
 
 
 def _detector_step(
-    detector: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, mask: Tensor, aux_weight: float
+    detector: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    mask: Tensor,
+    aux_weight: float,
+    extra_loss: Callable[[], Tensor] | None = None,
 ) -> dict[str, float]:
-    """One Adam step of the detector on the frames of clips ``x`` ``(B, 3, T, H, W)`` / masks ``(B, 1, T, H, W)``."""
+    """One Adam step of the detector on the frames of clips ``x`` ``(B, 3, T, H, W)`` / masks
+    ``(B, 1, T, H, W)``; ``extra_loss()`` (evaluated in eval mode, e.g. stage 2's task term) is added."""
     from ..detector import detector_loss
 
     frames, target = clip_frames(x), clip_frames(mask)
+    task = None
+    if extra_loss is not None:
+        detector.eval()
+        task = extra_loss()
     detector.train()
     outputs = detector(frames)
     loss = detector_loss(outputs, target, aux_weight)
+    if task is not None:
+        loss = loss + task
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -93,40 +112,67 @@ def train_detector_stage1(
     command: str = "",
     device: str | None = None,
 ) -> TrainResult:
-    """Stage 1: the PSPNet learns DO patches from the attack cache, mixed 1:1 with benign clips.
+    """Stage 1: the PSPNet learns patches from clips mixed 1:1 benign / patched.
 
-    Each step takes ``train.batch`` clips (half benign with an all-zero mask, half from the cache),
-    splits them into frames and takes one Adam step (``train.lr``) on ``detector_loss`` (main +
-    ``train.aux_weight`` x aux). Writes ``<train.output>/detector-stage1.pt`` (``save_defense``).
+    Each step takes ``train.batch`` clips: half benign (all-zero mask), half patched. Patched clips
+    are DO attacks from the cache, and, with ``[train.patches] textures``, procedural patches
+    (:func:`streamguard.patches.procedural_patch`) pasted on benign clips drawn at that step, a
+    ``procedural`` fraction of them. With ``[train.patches] footage`` a ``footage_fraction`` of the
+    benign and procedural clips are real footage (:class:`~streamguard.data.footage.FootageClips`)
+    instead of SynthMotion. The frames take one Adam step (``train.lr``) on ``detector_loss`` (main
+    + ``train.aux_weight`` x aux). Writes ``<train.output>/detector-stage1.pt`` (``save_defense``).
     """
     t, dev = recipe.train, pick_device(device)
+    p = t.patches
+    n_adv = t.batch // 2
+    n_proc = round(n_adv * p.procedural) if p.textures else 0
+    n_cache = n_adv - n_proc
+    n_base = t.batch - n_cache  # benign clips, and the bases of the procedural patches
+    n_foot = round(n_base * p.footage_fraction) if p.footage else 0
     benign_ds = recipe_dataset(recipe, "train")
-    cached_videos = len(benign_ds) if t.cache_videos is None else len(recipe_dataset(recipe, "train", subset=t.cache_videos))
-    attacked_ds = AttackCache(t.cache, cached_videos * t.attacked_per_video)
     mean = load_downstream(recipe, torch.device("cpu")).spec.mean
     with StepRNG(t.seed, dev, 3, 1):
         detector = _detector(recipe, detector_kwargs).to(dev)
     optimizer = torch.optim.Adam(detector.parameters(), lr=t.lr)
-    config = run_config(recipe, stage=1, backbone=recipe.defense.backbone)
+    config = run_config(recipe, stage=1, backbone=recipe.defense.backbone, refine=recipe.defense.refine,
+                        patches=dataclasses.asdict(p))  # fmt: skip
     run = Run(Path(t.output) / "detector-stage1-state.pt", detector, optimizer, config)
     start_run(run, resume)
-    n_adv = t.batch // 2
     workers = recipe.data.workers
-    benign = step_loader(benign_ds, t.batch - n_adv, t.seed, run.step, t.steps, "benign", workers)
-    attacked = step_loader(attacked_ds, n_adv, t.seed, run.step, t.steps, "attacked", workers)
+
+    def loader(ds: Any, n: int, salt: str) -> Iterator[Any] | None:
+        return step_loader(ds, n, t.seed, run.step, t.steps, salt, workers) if n else None
+
+    synth = loader(benign_ds, n_base - n_foot, "benign")
+    foot = loader(_footage(p.footage), n_foot, "footage") if n_foot else None
+    attacked = None
+    if n_cache:
+        cached_videos = len(benign_ds) if t.cache_videos is None else len(recipe_dataset(recipe, "train", subset=t.cache_videos))
+        attacked = loader(AttackCache(t.cache, cached_videos * t.attacked_per_video), n_cache, "attacked")
 
     def step_fn(step: int) -> dict[str, float]:
-        xb, _ = next(benign)
-        xa, ma = next(attacked)
-        x = torch.cat([xb, xa]).to(dev)
-        mask = torch.cat([torch.zeros_like(xb[:, :1]), ma]).to(dev)
-        return _detector_step(detector, optimizer, x, mask, t.aux_weight)
+        base = torch.cat([next(it)[0] for it in (synth, foot) if it is not None])
+        rng = keyed_rng(t.seed, "patches", step)
+        base = base[torch.from_numpy(rng.permutation(len(base)))]
+        mask = torch.zeros_like(base[:, :1])
+        for i in range(n_proc):
+            base[i], mask[i], _ = procedural_patch(base[i], rng, p.textures, tuple(p.area_range), p.moving, p.upscale, p.codec)
+        if attacked is not None:
+            xa, ma = next(attacked)
+            base, mask = torch.cat([base, xa]), torch.cat([mask, ma])
+        return _detector_step(detector, optimizer, base.to(dev), mask.to(dev), t.aux_weight)
 
     metrics = train_loop(run, t.steps, t.seed, dev, step_fn, None, t.eval_every, t.checkpoint_every, on_progress)
     path = Path(t.output) / "detector-stage1.pt"
     meta = {"command": command, "seed": t.seed, "stage": 1, "steps": run.step, "metrics": metrics, "recipe": recipe_to_dict(recipe)}
     sha = _save_detector(recipe, detector, mean, path, meta)
     return TrainResult(path, sha, run.step, metrics)
+
+
+def _footage(root: str | None) -> Any:
+    from ..data.footage import FootageClips
+
+    return FootageClips(root, split="train")
 
 
 # ---------------------------------------------------------------- detector, stage 2: online BPDA
@@ -201,24 +247,39 @@ def train_detector_stage2(
     command: str = "",
     device: str | None = None,
 ) -> TrainResult:
-    """Stage 2: fine-tune the stage-1 detector on BPDA attacks made online against itself.
+    """Stage 2: fine-tune the stage-1 detector on adaptive BPDA attacks made against itself.
 
-    Each step draws ``train.batch`` training clips; half get a fresh patch (area uniform in
-    ``train.area_range``) attacked by masked PGD / AutoPGD (alternating by step) in BPDA mode through
-    ``PatchZero(current detector)`` and the frozen downstream model; the detector then takes one Adam
-    step on all of them. Every ``train.eval_every`` steps the robust score under BPDA PGD is measured
-    on ``eval_videos`` (default ``train.eval_videos``) test clips; training stops after
-    ``train.patience`` evaluations without a new best, or at ``train.steps``. Writes
-    ``<train.output>/detector-stage2.pt``.
-
-    The downstream model is the recipe's clip classifier (robust score: top-1, :func:`robust_accuracy`)
-    or per-frame detector (masked PGD on its loss for the true boxes; robust score: box AP50,
-    :func:`robust_ap50`), as the paper trains one PatchZero per task.
+    For a clip classifier this is the warm-started race of :func:`_race` (issue #16). For a per-frame
+    detector each step attacks half of its clips afresh with ART's masked PGD on the detector's loss
+    for the true boxes (:func:`_online_frames`), robust score box AP50 (:func:`robust_ap50`), as the
+    paper trains one PatchZero per task. Writes ``<train.output>/detector-stage2.pt``.
     """
+    dev = pick_device(device)
+    model = load_downstream(recipe, dev)
+    trainer = _online_frames if model.spec.task == "frame" else _race
+    return trainer(recipe, init, model, dev, on_progress=on_progress, resume=resume, eval_videos=eval_videos, command=command)
+
+
+def _online_frames(
+    recipe: Recipe,
+    init: str | os.PathLike[str],
+    model: nn.Module,
+    dev: torch.device,
+    *,
+    on_progress: ProgressFn | None,
+    resume: bool,
+    eval_videos: int | None,
+    command: str,
+) -> TrainResult:
+    """Each step draws ``train.batch`` training clips; half get a fresh patch (area uniform in
+    ``train.area_range``) attacked by masked PGD in BPDA mode through ``PatchZero(current detector)``
+    and the frozen downstream model; the detector then takes one Adam step on all of them. Every
+    ``train.eval_every`` steps the robust score under BPDA PGD is measured on ``eval_videos`` (default
+    ``train.eval_videos``) test clips; training stops after ``train.patience`` evaluations without a
+    new best, or at ``train.steps``."""
     from ..patchzero import load_defense
 
-    t, dev = recipe.train, pick_device(device)
-    model = load_downstream(recipe, dev)
+    t = recipe.train
     train_ds = _task_clips(recipe, model, "train")
     n_test = len(recipe_dataset(recipe, "test"))
     eval_videos = eval_videos or recipe.train.eval_videos
@@ -266,3 +327,147 @@ def train_detector_stage2(
     }  # fmt: skip
     sha = _save_detector(recipe, detector, mean, path, meta)
     return TrainResult(path, sha, run.step, metrics, run.extra.get("history", []), stopped)
+
+
+# ---------------------------------------------------------------- stage 2 for clip classifiers: the race
+
+
+def race_score(
+    model: nn.Module, defense: nn.Module, x: Tensor, y: Tensor, mask: Tensor, z0: Tensor, iters: int, step: float
+) -> dict[str, float]:
+    """The held-out race: a fresh masked BPDA PGD (from content ``z0``) through ``defense``; clean and
+    robust top-1 and the patch pixels' recall and precision under the attack."""
+    from ..metrics import PixelCounts
+
+    defense.eval()
+    z, _, _ = patch_attack(model, defense, x, y, mask, z0, iters, step)
+    adv = x * (1 - mask) + mask * z
+    with torch.no_grad():
+        clean = (model(defense(x)).argmax(1) == y).float().mean().item()
+        clean_adv, found = defense.sanitize(adv)
+        robust = (model(clean_adv).argmax(1) == y).float().mean().item()
+    counts = PixelCounts.from_masks(found > 0.5, mask > 0.5)
+    return {"clean_acc": clean, "robust_acc": robust, "race_recall": counts.recall, "race_precision": counts.precision}
+
+
+def _race(
+    recipe: Recipe,
+    init: str | os.PathLike[str],
+    model: nn.Module,
+    dev: torch.device,
+    *,
+    on_progress: ProgressFn | None,
+    resume: bool,
+    eval_videos: int | None,
+    command: str,
+) -> TrainResult:
+    """The attacker-defender race against a clip classifier, warm-started (ATTA) so that it is cheap.
+
+    A :class:`~.race.PatchPool` of ``[train.race] pool`` patches on training clips persists across
+    steps. Each step draws ``draw`` of them and continues each one's BPDA attack (plain PyTorch,
+    ``iters`` iterations, ``method``) against the current detector, replaces ``refresh`` entries by
+    fresh ones, and takes one Adam step of the detector on the drawn patches plus ``do`` cached DO
+    clips, ``procedural`` procedural patches and ``benign`` clean clips (``detector_loss``, plus
+    ``task_weight`` x the downstream loss on the sanitized attacked clips through the soft mask, so the
+    detector learns to cover the pixels that matter). Every ``train.eval_every`` steps a fresh
+    ``eval_iters``-iteration attack on ``eval_videos`` held-out clips (default ``train.eval_videos``)
+    scores the detector; the best robust top-1 (clean top-1 within 2 points of the start's) is kept
+    as ``detector-stage2.pt``, not the last. Training stops after ``train.patience`` evaluations
+    without a new best, or at ``train.steps``. Resumes exactly, pool included.
+    """
+    from ..patchzero import load_defense
+
+    t, r, p = recipe.train, recipe.train.race, recipe.train.patches
+    train_ds = InMemory(recipe_dataset(recipe, "train"))
+    n_test = len(recipe_dataset(recipe, "test"))
+    n_eval = eval_videos or t.eval_videos
+    eval_ds = recipe_dataset(recipe, "test", subset=min(n_eval, recipe.data.subset or n_eval, n_test))
+    detector = load_defense(str(init)).detector.to(dev)
+    for param in detector.parameters():
+        param.requires_grad_(True)
+    mean = model.spec.mean
+    bpda = _patchzero(recipe, detector, mean, bpda=True).to(dev)
+    optimizer = torch.optim.Adam(detector.parameters(), lr=t.lr)
+    config = run_config(recipe, stage=2, backbone=recipe.defense.backbone, init=str(init), race=dataclasses.asdict(r))
+    run = Run(Path(t.output) / "detector-stage2-state.pt", detector, optimizer, config)
+    shape = tuple(train_ds[0][0].shape[1:])
+
+    def make(video: int, rng: np.random.Generator) -> PoolEntry:
+        mask, _ = draw_masks(recipe, shape, [rng])
+        return PoolEntry(video, torch.from_numpy(mask[0]), torch.from_numpy(rng.random((3, *shape), dtype=np.float32)))
+
+    pool = PatchPool.fresh(r.pool, make, len(train_ds), keyed_rng(t.seed, "pool", 0))
+    start_run(run, resume)
+    if run.buffers:
+        pool.load_state_dict(run.buffers["pool"])
+    workers = recipe.data.workers
+    benign = step_loader(train_ds, r.benign + r.procedural, t.seed, run.step, t.steps, "benign", workers)
+    do = None
+    if r.do:
+        cached = len(recipe_dataset(recipe, "train")) if t.cache_videos is None else len(recipe_dataset(recipe, "train", subset=t.cache_videos))
+        do = step_loader(AttackCache(t.cache, cached * t.attacked_per_video), r.do, t.seed, run.step, t.steps, "attacked", workers)
+    ex = torch.stack([eval_ds[i][0] for i in range(len(eval_ds))]).to(dev)
+    ey = torch.tensor([int(eval_ds[i][1]) for i in range(len(eval_ds))], device=dev)
+    emask = torch.from_numpy(draw_masks(recipe, shape, [keyed_rng(t.seed, "race", i) for i in range(len(ex))])[0]).to(dev)
+    ez0 = torch.from_numpy(keyed_rng(t.seed, "race", len(ex)).random(ex.shape, dtype=np.float32)).to(dev)
+    best_path = Path(t.output) / "detector-stage2-best.pt"
+
+    def step_fn(step: int) -> dict[str, float]:
+        rng = keyed_rng(t.seed, "stage2", step)
+        idx = pool.draw(r.draw, rng)
+        entries = [pool.entries[i] for i in idx]
+        items = [train_ds[e.video] for e in entries]
+        x = torch.stack([c for c, _ in items]).to(dev)
+        y = torch.tensor([int(label) for _, label in items], device=dev)
+        m = torch.stack([e.mask for e in entries]).to(dev)
+        detector.eval()
+        z, _, _ = patch_attack(model, bpda, x, y, m, torch.stack([e.content for e in entries]).to(dev), r.iters, recipe.attack.step, r.method)
+        adv = x * (1 - m) + m * z
+        with torch.no_grad():
+            fooled = (model(bpda(adv)).argmax(1) != y).tolist()
+        for e, content, f in zip(entries, z.cpu(), fooled):
+            e.content, e.iters, e.draws, e.fooled = content, e.iters + r.iters, e.draws + 1, bool(f)
+        pool.refresh(r.refresh, rng)
+        run.buffers["pool"] = pool.state_dict()
+        xb, _ = next(benign)
+        mb = torch.zeros_like(xb[:, :1])
+        for i in range(r.procedural if p.textures else 0):
+            xb[i], mb[i], _ = procedural_patch(xb[i], rng, p.textures, tuple(p.area_range), p.moving, p.upscale, p.codec)
+        clips, masks = [adv, xb.to(dev)], [m, mb.to(dev)]
+        if do is not None:
+            xd, md = next(do)
+            clips, masks = clips + [xd.to(dev)], masks + [md.to(dev)]
+        task = (lambda: r.task_weight * F.cross_entropy(model(bpda(adv)), y)) if r.task_weight else None
+        metrics = _detector_step(detector, optimizer, torch.cat(clips), torch.cat(masks), t.aux_weight, task)
+        return {**metrics, "pool_fooled": float(np.mean(fooled)), "pool_success": pool.success(),
+                "pool_iters": float(np.mean([e.iters for e in pool.entries]))}  # fmt: skip
+
+    def eval_fn(step: int) -> dict[str, float]:
+        scores = race_score(model, bpda, ex, ey, emask, ez0, r.eval_iters, recipe.attack.step)
+        ok = scores["clean_acc"] >= run.extra["start_clean"] - 0.02
+        value = scores["robust_acc"] + 0.01 * scores["race_recall"] if ok else -1.0
+        if value > run.extra.get("best", -1.0):
+            run.extra.update(best=value, best_step=step, stale=0)
+            _save_detector(recipe, detector, mean, best_path, {"seed": t.seed, "stage": 2, "steps": step, "metrics": scores})
+        else:
+            run.extra["stale"] = run.extra.get("stale", 0) + 1
+        return scores
+
+    if "start_clean" not in run.extra:
+        bpda.eval()
+        with torch.no_grad():
+            run.extra["start_clean"] = (model(bpda(ex)).argmax(1) == ey).float().mean().item()
+    metrics = train_loop(
+        run, t.steps, t.seed, dev, step_fn, eval_fn, t.eval_every, t.checkpoint_every, on_progress, _converged(t.patience)
+    )
+    stopped = run.step < t.steps
+    if best_path.is_file():
+        detector.load_state_dict(load_defense(best_path).detector.state_dict())
+    best = next((h for h in run.extra.get("history", []) if h["step"] == run.extra.get("best_step")), metrics)
+    path = Path(t.output) / "detector-stage2.pt"
+    meta = {
+        "command": command, "seed": t.seed, "stage": 2, "steps": run.step, "best_step": run.extra.get("best_step"),
+        "init": str(init), "metrics": {**metrics, **best}, "stopped_early": stopped, "recipe": recipe_to_dict(recipe),
+    }  # fmt: skip
+    sha = _save_detector(recipe, detector, mean, path, meta)
+    return TrainResult(path, sha, run.step, {**metrics, **best}, run.extra.get("history", []), stopped)
