@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -169,6 +171,32 @@ class PatchZero(nn.Module):
         clips, frames = _as_clips(x)
         mask = self._frame_mask(clips)
         return _restore(self._repaint(clips, mask), frames), _restore(mask, frames)
+
+    @torch.no_grad()
+    def sanitize_frames(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded frames: uint8 ``(N, T, H, W, 3)`` RGB -> ``(clean uint8, same shape; mask bool (N, T, H, W))``.
+
+        The path of :meth:`sanitize` (frames to the working size by area averaging, fused logits,
+        threshold and dilation there, nearest upsampling, mean repaint), with the resizes and the
+        repaint done on ``uint8`` frames by OpenCV and numpy instead of float tensors: the frame
+        never exists in float at full resolution, which is what lets a 720p stream run in real time
+        on a CPU. It differs from :meth:`sanitize` on a float copy by the uint8 rounding of the
+        shrunk frames only.
+        """
+        n, t, h, w, _ = images.shape
+        size = self.input_size or (h, w)
+        flat = images.reshape(n * t, h, w, 3)
+        if size != (h, w):
+            interp = cv2.INTER_AREA if size[0] <= h and size[1] <= w else cv2.INTER_LINEAR
+            flat = np.stack([cv2.resize(f, (size[1], size[0]), interpolation=interp) for f in flat])
+        x = torch.from_numpy(flat).to(self.mean.device).reshape(n, t, *size, 3).permute(0, 4, 1, 2, 3).float().div_(255)
+        small = self._hard_mask(self._fused_logits(x))[:, 0].to(torch.uint8).cpu().numpy()  # (N, T', h, w)
+        if size != (h, w):
+            small = np.stack([[cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST_EXACT) for m in clip] for clip in small])
+        mask = np.broadcast_to(small.astype(bool), (n, t, h, w))
+        clean = images.copy()
+        clean[mask] = np.round(self.mean.cpu().numpy() * 255).astype(np.uint8)
+        return clean, np.ascontiguousarray(mask)
 
     def working_size(self, clips: Tensor) -> tuple[int, int]:
         """The detector's (h, w) for these clips: ``input_size``, or the frames' own size if unset."""

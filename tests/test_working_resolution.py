@@ -99,3 +99,20 @@ def test_bpda_gradient_reaches_full_resolution_pixels() -> None:
     with defense.bpda_mode(False):
         y = defense(x)
     assert torch.equal(y, defense.sanitize(x.detach())[0])
+
+
+@pytest.mark.parametrize("size", [(64, 64), (240, 320)])
+def test_uint8_frame_path_matches_the_float_path(clips: tuple[torch.Tensor, ...], size: tuple[int, int]) -> None:
+    """The pipeline's uint8 path (sanitize_frames) is sanitize() up to the uint8 rounding of the shrunk frames."""
+    _, x_adv, _ = clips
+    big = _upscale(x_adv, size, "nearest-exact")
+    u8 = big.mul(255).round().to(torch.uint8)
+    defense = build_defense(mean=(0.5, 0.5, 0.5))
+    clean_f, mask_f = defense.sanitize(u8.float() / 255)
+    clean_u, mask_u = defense.sanitize_frames(u8.permute(0, 2, 3, 4, 1).numpy())
+    assert mask_u.shape == (2, 16, *size) and clean_u.dtype == np.uint8
+    agree = (torch.from_numpy(mask_u) == (mask_f[:, 0] > 0.5)).float().mean().item()
+    assert agree > 0.999 and mask_u.mean() > 0.05
+    same = torch.from_numpy(mask_u) == (mask_f[:, 0] > 0.5)
+    float_u8 = clean_f.mul(255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+    assert torch.equal(float_u8[same], torch.from_numpy(clean_u)[same])
