@@ -100,6 +100,8 @@ class EvaluateSection:
     h264_crf: int = 28
     max_videos: int | None = None
     output: str = "runs/evaluate"
+    bpda_variants: list[str] = field(default_factory=list)  # more adaptive attacks on PatchZero; worst case reported
+    transfer_detector: str | None = None  # the detector the "transfer" variant attacks through
 
 
 @dataclass

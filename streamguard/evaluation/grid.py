@@ -30,7 +30,9 @@ from ..defenses import ADAPTIVE, DEFENSES, GTMask, build_defenses
 from ..errors import ConfigError, InputError
 from ..metrics import PixelCounts, topk_correct
 from ..models import build_model
-from ..recipes import Recipe, recipe_to_dict
+from ..patchzero import build_defense
+from ..recipes import AttackSection, Recipe, recipe_to_dict
+from .adaptive import check_variants, variant
 from .report import Report, SampleLog, record_key, results_fingerprint
 
 
@@ -41,10 +43,13 @@ class AttackSetting:
     method: str | None = None
     area: float | None = None
     mode: str | None = None
+    variant: str = ""  # an adaptive variant (:mod:`.adaptive`); "" = the plain attack
 
     @property
     def key(self) -> str:
-        return "clean" if self.method is None else f"{self.method}-{self.area:g}-{self.mode}"
+        if self.method is None:
+            return "clean"
+        return f"{self.method}-{self.area:g}-{self.mode}" + (f"-{self.variant}" if self.variant else "")
 
 
 CLEAN = AttackSetting()
@@ -67,6 +72,7 @@ def _check(recipe: Recipe) -> None:
             raise ConfigError(f"attack.areas: {a} is not a fraction of the frame in (0, 1)")
     if ev.max_videos is not None and ev.max_videos < 1:
         raise ConfigError(f"evaluate.max_videos: expected >= 1, got {ev.max_videos}")
+    check_variants(ev.bpda_variants, ev.transfer_detector)
 
 
 def grid(recipe: Recipe) -> list[tuple[str, AttackSetting]]:
@@ -77,6 +83,8 @@ def grid(recipe: Recipe) -> list[tuple[str, AttackSetting]]:
         cells += [(d, AttackSetting(method, area, "do")) for d in recipe.evaluate.defenses]
         if "bpda" in at.modes:
             cells += [(d, AttackSetting(method, area, "bpda")) for d in recipe.evaluate.defenses if d in ADAPTIVE]
+            if "patchzero" in recipe.evaluate.defenses:
+                cells += [("patchzero", AttackSetting(method, area, "bpda", v)) for v in recipe.evaluate.bpda_variants]
     if "do" not in at.modes:
         cells = [(d, s) for d, s in cells if s.mode != "do" or d not in ADAPTIVE]
     return cells
@@ -123,6 +131,14 @@ class _Grid:
         self.recipe, self.model, self.defenses, self.log = recipe, model, defenses, log
         self.cells = grid(recipe)
         self.device = next(model.parameters()).device
+        self.transfer = self._transfer_detector()
+
+    def _transfer_detector(self) -> nn.Module | None:
+        """The "transfer" variant's detector: ``evaluate.transfer_detector`` with the recipe's defense settings."""
+        ev = self.recipe.evaluate
+        if "transfer" not in ev.bpda_variants or "patchzero" not in self.defenses:
+            return None
+        return build_defense(self.recipe.defense, weights=ev.transfer_detector, mean=self.model.spec.mean).to(self.device).eval()
 
     def missing(self, defense: str, setting: AttackSetting, videos: Sequence[int]) -> list[int]:
         return [v for v in videos if record_key(defense, setting.key, v) not in self.log.done]
@@ -137,8 +153,8 @@ class _Grid:
         for mi, method in enumerate(at.methods):
             for ai, area in enumerate(at.areas):
                 mask = video_masks(batch.videos, shape, area, at.seed, at.moving)
-                for mode in MODES:
-                    setting = AttackSetting(method, area, mode)
+                for mode, name in [("do", ""), ("bpda", ""), *(("bpda", v) for v in self.recipe.evaluate.bpda_variants)]:
+                    setting = AttackSetting(method, area, mode, name)
                     todo = [d for d, s in self.cells if s == setting and self.missing(d, s, batch.videos)]
                     # DO: one patch against the bare model for every defense; BPDA: one per defense
                     shared = self.attack(setting, None, batch, mask, _seed(at.seed, chunk, mi, ai)) if mode == "do" and todo else None
@@ -149,11 +165,14 @@ class _Grid:
                         on_cell()
 
     def attack(self, setting: AttackSetting, defense: nn.Module | None, batch: _Batch, mask: Tensor, seed: int) -> Tensor:
-        attack = MaskedAttack.from_section(
-            self.model, self.recipe.attack, setting.method, setting.mode, defense=defense, seed=seed, device=str(self.device)
-        )
-        x_adv = attack.generate(batch.x.numpy(), batch.y.numpy(), mask.numpy())
-        return torch.from_numpy(x_adv)
+        with variant(setting.variant, defense, self.recipe.attack, self.transfer) as (through, section):
+            return self.generate(setting, through if setting.mode == "bpda" else None, section, batch, mask, seed)
+
+    def generate(self, setting: AttackSetting, defense: nn.Module | None, section: AttackSection, batch: _Batch,
+                 mask: Tensor, seed: int) -> Tensor:  # fmt: skip
+        attack = MaskedAttack.from_section(self.model, section, setting.method, setting.mode, defense=defense, seed=seed,
+                                           device=str(self.device))  # fmt: skip
+        return torch.from_numpy(attack.generate(batch.x.numpy(), batch.y.numpy(), mask.numpy()))
 
     @torch.no_grad()
     def score(self, defense: str, setting: AttackSetting, batch: _Batch, x: Tensor, mask: Tensor) -> None:
@@ -204,10 +223,10 @@ class _FrameGrid(_Grid):
     """The same grid for a per-frame detector: masked PGD on the detector's loss for the true boxes
     (:class:`~streamguard.attacks.MaskedFrameAttack`), scored by box AP over every frame."""
 
-    def attack(self, setting: AttackSetting, defense: nn.Module | None, batch: _Batch, mask: Tensor, seed: int) -> Tensor:
-        attack = MaskedFrameAttack.from_section(
-            self.model, self.recipe.attack, setting.mode, defense=defense, seed=seed, device=str(self.device)
-        )
+    def generate(self, setting: AttackSetting, defense: nn.Module | None, section: AttackSection, batch: _Batch,
+                 mask: Tensor, seed: int) -> Tensor:  # fmt: skip
+        attack = MaskedFrameAttack.from_section(self.model, section, setting.mode, defense=defense, seed=seed,
+                                                device=str(self.device))  # fmt: skip
         return torch.from_numpy(attack.generate(batch.x.numpy(), batch.y, mask.numpy()))
 
     def outcomes(self, x_clean: Tensor, batch: _Batch) -> list[dict[str, Any]]:

@@ -62,6 +62,9 @@ class Report:
     samples: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
 
+    def records_of(self, defense: str) -> list[dict[str, Any]]:
+        return [r for r in self.samples if r["defense"] == defense]
+
     def records(self, defense: str, attack: str) -> list[dict[str, Any]]:
         return [r for r in self.samples if r["defense"] == defense and r["attack"] == attack]
 
@@ -71,6 +74,15 @@ class Report:
         if not recs:
             return None
         return sum(r["correct" if k == 1 else "top5"] for r in recs) / len(recs)
+
+    def worst_accuracy(self, defense: str, attacks: Sequence[str], k: int = 1) -> float | None:
+        """Per-video worst case over ``attacks``: the fraction of videos correct (top-``k``) under every
+        one of them that was run on it; ``None`` if none was run."""
+        hits: dict[int, bool] = {}
+        for attack in attacks:
+            for r in self.records(defense, attack):
+                hits[r["video"]] = hits.get(r["video"], True) and bool(r["correct" if k == 1 else "top5"])
+        return sum(hits.values()) / len(hits) if hits else None
 
     def box_ap(self, defense: str, attack: str) -> dict[str, float] | None:
         """A frame detector's AP / AP50 / AP75 over every frame of one cell; ``None`` if it was not run."""
