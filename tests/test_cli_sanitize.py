@@ -278,3 +278,27 @@ def test_sanitize_vid_stride_and_snapshot(tmp_path: Path, ckpts: dict[str, Path]
     with open_source(out) as res:
         assert res.frame_count == 16  # every frame sanitized and written
     assert snap.read_bytes()[:2] == b"\xff\xd8"
+
+
+def test_imgsz_and_the_recipes_input_size_reach_the_defense(tmp_path: Path, ckpts: dict[str, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """One factory: ``--imgsz`` over the recipe's ``defense.input_size`` over the weights' own working size."""
+    import streamguard.patchzero as patchzero
+
+    sizes = []
+    build = patchzero.build_defense
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        defense = build(*args, **kwargs)
+        sizes.append(defense.input_size)
+        return defense
+
+    monkeypatch.setattr(patchzero, "build_defense", spy)
+    src = make_video(tmp_path / "in.mp4", frames=8, audio=False)
+    recipe = tmp_path / "small.toml"
+    recipe.write_text('extends = "camera"\n\n[defense]\ninput_size = 32\n')
+    base = ["sanitize", str(src), "-o", str(tmp_path / "out.mp4"), "--detector", str(ckpts["none"])]
+    for extra in ([], ["--recipe", str(recipe)], ["--recipe", str(recipe), "--imgsz", "24"], ["--imgsz", "40"]):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 0, result.output
+    assert sizes == [None, (32, 32), (24, 24), (40, 40)]

@@ -1,0 +1,153 @@
+"""``sanitize`` and ``watch``: video files and live streams through the defense."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from ..errors import ConfigError
+from .common import (
+    DetectorOpt,
+    DeviceOpt,
+    ImgszOpt,
+    ModelOpt,
+    app,
+    defense_option,
+    device_option,
+    err,
+    model_option,
+    out,
+    pipeline_options,
+    progress,
+    recipe_option,
+    status_line,
+    summary_rows,
+    summary_table,
+)
+
+# ---------------------------------------------------------------- commands
+
+VidStrideOpt = Annotated[int, typer.Option("--vid-stride", min=1,
+    help="Run the model on every Nth clip window (clip models) or frame (frame detectors); PatchZero still sanitizes every frame.")]  # fmt: skip
+SnapshotOpt = Annotated[Path | None, typer.Option("--snapshot",
+    help="JPEG of input | mask | sanitized, rewritten atomically every --snapshot-every seconds.")]  # fmt: skip
+SnapshotEveryOpt = Annotated[float, typer.Option("--snapshot-every", min=0.01, help="Seconds between snapshots.")]
+DemuxerOpt = Annotated[list[str] | None, typer.Option("--demuxer-option", metavar="KEY=VALUE",
+    help="FFmpeg demuxer option, repeatable (e.g. rtsp_transport=udp, fflags=+nobuffer; KEY= drops a default). "
+         "Network streams default to flags=+low_delay, RTSP also to rtsp_transport=tcp.")]  # fmt: skip
+
+
+def _demuxer_options(pairs: list[str] | None) -> dict[str, str]:
+    """``--demuxer-option KEY=VALUE`` (repeatable) as a dict; ``ConfigError`` on a malformed one."""
+    options: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--demuxer-option {pair!r}: expected KEY=VALUE")
+        options[key.strip()] = value
+    return options
+
+
+@app.command()
+def sanitize(
+    input: Annotated[str, typer.Argument(help="Video file, lavfi:GRAPH or stream URL.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Sanitized MP4 (H.264, audio copied).")],
+    detector: DetectorOpt = None,
+    imgsz: ImgszOpt = None,
+    model: ModelOpt = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", help="Recipe name (pipelines/NAME.toml) or TOML path.")] = None,
+    clip_len: Annotated[int | None, typer.Option("--clip-len", min=1, help="Frames fused per defense clip.")] = None,
+    stride: Annotated[int | None, typer.Option("--stride", min=1, help="Frames between classifier windows.")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Mask threshold on patch probability.")] = None,
+    dilate: Annotated[int | None, typer.Option("--dilate", min=0, help="Mask dilation radius (pixels).")] = None,
+    overlay: Annotated[Path | None, typer.Option("--overlay", help="Side-by-side input | mask | sanitized MP4.")] = None,
+    predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model.")] = None,
+    device: DeviceOpt = "cpu",
+    vid_stride: VidStrideOpt = 1,
+    snapshot: SnapshotOpt = None,
+    snapshot_every: SnapshotEveryOpt = 1.0,
+    demuxer_option: DemuxerOpt = None,
+) -> None:
+    """Repaint adversarial patches in a video; optionally run a downstream model on the result.
+
+    Every frame is processed, as fast as the machine allows (no pacing, nothing dropped); to run a
+    file as if it were a camera, use ``watch`` (paced at the file's frame rate).
+    """
+    from ..io import open_source
+    from ..pipeline import Pipeline
+
+    options = _demuxer_options(demuxer_option)
+    rec = recipe_option(recipe)
+    net = model_option(model, rec, device)
+    if predictions is not None and net is None:
+        raise ConfigError("--predictions needs a downstream model (--model or a recipe)")
+    defense = defense_option(detector, rec, net, threshold=threshold, dilate=dilate, input_size=imgsz)
+    with open_source(input, options=options) as source:
+        pipeline = Pipeline(
+            source, defense, net, output=output, predictions=predictions, overlay=overlay, device=device_option(device),
+            vid_stride=vid_stride, snapshot=snapshot, snapshot_every=snapshot_every, **pipeline_options(rec, clip_len, stride),
+        )
+        with progress(f"sanitize {Path(input).name}", source.frame_count) as on_progress:
+            summary = pipeline.run(on_progress=on_progress)
+    out.print(summary_table("streamguard sanitize", summary_rows(summary)))
+
+
+@app.command()
+def watch(
+    source: Annotated[str, typer.Argument(help="Stream URL (rtsp://, tcp://, srt://, http(s)://...), /dev/videoN or lavfi:GRAPH.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Record the sanitized stream to this MP4.")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", min=0, help="Stop after this many seconds.")] = None,
+    model: ModelOpt = None,
+    detector: DetectorOpt = None,
+    imgsz: ImgszOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Give up on a stalled source after this many seconds.")] = 10.0,
+    reconnect: Annotated[int, typer.Option("--reconnect", min=0, help="Reopen a stalled, dropped or ended source up to N times in a row (backoff 0.25 s, doubling).")] = 0,
+    predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model.")] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", help="Recipe name (e.g. camera) or TOML path.")] = None,
+    device: DeviceOpt = "cpu",
+    realtime: Annotated[bool | None, typer.Option("--realtime/--no-realtime",
+        help="Read at the source's own frame rate (ffmpeg -re). Default: on for files and lavfi graphs, off for "
+             "network streams and cameras (real time already); --no-realtime reads a file as fast as it decodes.")] = None,
+    demuxer_option: DemuxerOpt = None,
+    vid_stride: VidStrideOpt = 1,
+    snapshot: SnapshotOpt = None,
+    snapshot_every: SnapshotEveryOpt = 1.0,
+) -> None:
+    """Sanitize a live stream (newest frames win; Ctrl-C stops and keeps what was recorded).
+
+    A file or lavfi graph is paced at its own frame rate, like a camera, so "dropped" counts the
+    frames the defense and model could not keep up with. A status line (fps, latency p50/p95,
+    drops) updates once a second on stderr.
+    """
+    from ..io import ReconnectingSource, is_live_uri, open_source
+    from ..pipeline import Pipeline
+
+    options = _demuxer_options(demuxer_option)
+    paced = (not is_live_uri(source)) if realtime is None else realtime
+    rec = recipe_option(recipe)
+    net = model_option(model, rec, device)
+    defense = defense_option(detector, rec, net, input_size=imgsz)
+    if reconnect:
+        src = ReconnectingSource(source, attempts=reconnect, timeout=timeout, options=options, realtime=paced)
+    else:
+        src = open_source(source, live=is_live_uri(source) or None, timeout=timeout, options=options, realtime=paced)
+    with src:
+        pipeline = Pipeline(src, defense, net, output=output, predictions=predictions, duration=duration, live=True,
+                            device=device_option(device), vid_stride=vid_stride, snapshot=snapshot,
+                            snapshot_every=snapshot_every, **pipeline_options(rec, batch=1))  # fmt: skip
+        with status_line(f"watch {source}") as on_progress:
+            try:
+                summary = pipeline.run(on_progress=on_progress)
+            except KeyboardInterrupt:
+                summary = pipeline.summary()
+            finally:
+                for event in getattr(src, "events", []):
+                    err.print(f"[yellow]warning:[/] {escape(event)}")
+    rows = summary_rows(summary) | {"paced (realtime)": "yes" if paced else "no"}
+    rows |= {"reconnects": src.reconnects} if reconnect else {}
+    out.print(summary_table("streamguard watch", rows))
+
+
