@@ -153,7 +153,7 @@ class RaceTrainSection:
     iters: int = 4  # BPDA iterations per draw
     refresh: int = 1  # pool entries replaced by fresh ones (new place, random content) per step
     method: Literal["pgd", "apgd"] = "pgd"
-    do: int = 1  # cached DO clips per step, so the DO rows do not regress
+    do: int = 0  # cached DO clips per step (the stage-1 cache), so the DO rows do not regress
     procedural: int = 1  # procedural patches per step ([train.patches] textures)
     benign: int = 2
     task_weight: float = 0.0  # weight of the downstream loss on the sanitized attacked clips (through the soft mask)

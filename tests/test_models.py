@@ -312,7 +312,8 @@ def test_normalization_is_not_part_of_the_checkpoint() -> None:
 def test_cli_models_table(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from streamguard.cli import app, out
+    from streamguard.cli import app
+    from streamguard.cli.common import out
 
     monkeypatch.setattr(out, "width", 200)  # no truncated names
     result = CliRunner().invoke(app, ["models"])
