@@ -35,10 +35,10 @@ from rich.console import Console
 from rich.table import Table
 
 from streamguard.detector import build_detector
-
+from streamguard.io import open_source
 from streamguard.patchzero import PatchZero
-from streamguard.io import VideoSink, open_source
 from streamguard.pipeline import Pipeline, Summary
+from streamguard.sinks import VideoSink
 
 ROOT = Path(__file__).resolve().parent
 

@@ -25,11 +25,11 @@ from torch import Tensor, nn
 from .attacks import MaskedAttack, attack_video
 from .checkpoints import DEFAULT_CLASSIFIER, DEFAULT_DETECTOR
 from .data import SYNTH_CLASSES, render_video
-from .io import VideoSink
 from .metrics import PixelCounts
 from .models import load_model
 from .patchzero import build_defense
 from .pipeline import overlay
+from .sinks import VideoSink
 
 
 @dataclass

@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, InputError, StreamGuardError
-from .io import Frame, JsonlSink, VideoSink, VideoSource, _partial_name
+from .io import Frame, VideoSource
+from .sinks import JsonlSink, VideoSink, partial_name
 
 LATENCY_WINDOW = 100_000  # frames the summary's latency percentiles cover (about an hour at 25 fps)
 STATUS_WINDOW = 250  # latest frames a Status's latency percentiles cover (10 s at 25 fps)
@@ -505,7 +506,7 @@ class Pipeline:
         if not ok:
             raise InputError(f"{path}: cannot encode the snapshot")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _partial_name(path)
+        tmp = partial_name(path)
         try:
             tmp.write_bytes(jpeg.tobytes())
             os.replace(tmp, path)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from streamguard.errors import InputError, StreamError
-from streamguard.io import Frame, JsonlSink, VideoSink, open_source
+from streamguard.io import Frame, open_source
+from streamguard.sinks import JsonlSink, VideoSink
 
 BITS = 4  # frame index drawn as 4 black/white columns in the top half
 
@@ -267,7 +268,7 @@ def test_stale_partial_files_of_dead_writers_are_removed(tmp_path: Path) -> None
     import os
     import subprocess
 
-    from streamguard.io import VideoSink
+    from streamguard.sinks import VideoSink
 
     finished = subprocess.Popen(["true"])
     finished.wait()

@@ -106,7 +106,7 @@ def _write_frames(path: Path, frames: Any, fps: float) -> None:
     """(F, H, W, 3) float frames in [0, 1]: ``.npy`` exactly (float32), any other suffix as lossless-ish H.264."""
     import numpy as np
 
-    from ..io import VideoSink
+    from ..sinks import VideoSink
 
     if path.suffix.lower() == ".npy":
         path.parent.mkdir(parents=True, exist_ok=True)
