@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,13 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
     ]
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
+
+
+def load_state_dict_checked(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    """The one strict state-dict loader: :func:`check_state_dict` (a one-line :class:`CheckpointError`
+    starting with ``where``), then load."""
+    check_state_dict(module.state_dict(), dict(state_dict), where)
+    module.load_state_dict(state_dict)
 
 
 def save_checkpoint(

@@ -24,6 +24,7 @@ from .checkpoints import (
     check_state_dict,
     get_weights,
     load_checkpoint,
+    load_state_dict_checked,
 )
 from .errors import ConfigError
 
@@ -253,7 +254,7 @@ def build_detector(
     if weights is not None:
         w = get_weights(weights)
         state_dict, _ = w.load()
-        load_state_dict_checked(net, state_dict, str(w.path))
+        load_state_dict_checked(net, state_dict, f"{w.path} does not match the network")
     return net
 
 
@@ -276,8 +277,3 @@ def detector_loss(
     if aux is not None and aux_weight:
         loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux, target, pos_weight=pos_weight)
     return loss
-
-
-def load_state_dict_checked(module: nn.Module, state_dict: dict[str, Tensor], where: str) -> None:
-    check_state_dict(module.state_dict(), state_dict, f"{where} does not match the network")
-    module.load_state_dict(state_dict)

@@ -55,7 +55,6 @@ from .errors import InputError, StreamError
 NETWORK_SCHEMES = frozenset(
     {"rtsp", "rtsps", "rtmp", "rtmps", "tcp", "udp", "rtp", "srt", "http", "https", "hls", "mms", "mmsh"}
 )
-MP4_AUDIO_COPY = frozenset({"aac", "mp3", "opus", "flac", "alac", "ac3", "eac3", "mp2"})
 DEFAULT_FPS = 25.0
 MAX_PIXELS = 7680 * 4320
 PACING_MAX_GAP = 2.0  # seconds: a larger jump between consecutive frames' times restarts the pacing clock

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .checkpoints import Weights, check_state_dict, get_weights, save_checkpoint
+from .checkpoints import Weights, get_weights, load_state_dict_checked, save_checkpoint
 from .errors import CheckpointError, ConfigError
 
 
@@ -502,8 +502,7 @@ def load_state(model: nn.Module, state_dict: Mapping[str, Tensor], source: str =
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if state and all(k.startswith("net.") for k in state):
         state = {k.removeprefix("net."): v for k, v in state.items()}
-    check_state_dict(_network(model).state_dict(), state, f"{source} does not fit model {model.spec.name!r}")
-    _network(model).load_state_dict(state)
+    load_state_dict_checked(_network(model), state, f"{source} does not fit model {model.spec.name!r}")
 
 
 def set_spec(model: nn.Module, spec: ModelSpec) -> None:

@@ -21,8 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoints import DEFAULT_DETECTOR, Weights, get_weights, save_checkpoint
-from .detector import PSPNet, load_state_dict_checked
+from .checkpoints import (
+    DEFAULT_DETECTOR,
+    Weights,
+    get_weights,
+    load_state_dict_checked,
+    save_checkpoint,
+)
+from .detector import PSPNet
 from .errors import CheckpointError, ConfigError, InputError
 from .resize import resize_frames
 
@@ -337,7 +343,7 @@ def load_defense(ref: str | os.PathLike[str] | Weights, **overrides: Any) -> Pat
     detector = PSPNet(meta["backbone"], aux=aux, width=meta.get("width", 1.0), refine=meta.get("refine", False))
     built = f"{meta['backbone']} width {detector.width:g}"
     stored = f"{saved.get('backbone', '?')} width {float(saved.get('width', 1.0)):g}" if saved else "no metadata"
-    load_state_dict_checked(detector, state_dict, f"checkpoint {weights.path} (saved: {stored}; built: {built})")
+    load_state_dict_checked(detector, state_dict, f"checkpoint {weights.path} (saved: {stored}; built: {built}) does not match the network")
     defense = PatchZero(detector, **{k: meta[k] for k in _DEFENSE_KEYS if k in meta})
     return defense.eval()
 

@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -47,6 +47,9 @@ from torch import Tensor
 from .errors import ConfigError, InputError, StreamGuardError
 from .io import Frame, VideoSource
 from .sinks import JsonlSink, VideoSink, partial_name
+
+if TYPE_CHECKING:
+    from .defenses import Defense
 
 LATENCY_WINDOW = 100_000  # frames the summary's latency percentiles cover (about an hour at 25 fps)
 STATUS_WINDOW = 250  # latest frames a Status's latency percentiles cover (10 s at 25 fps)
@@ -133,7 +136,7 @@ class Pipeline:
     def __init__(
         self,
         source: VideoSource,
-        defense: Any = None,
+        defense: Defense | None = None,
         model: torch.nn.Module | None = None,
         *,
         output: str | Path | None = None,

@@ -18,7 +18,9 @@ import av
 import numpy as np
 
 from .errors import InputError
-from .io import MP4_AUDIO_COPY, VideoSource, first_line
+from .io import VideoSource, first_line
+
+MP4_AUDIO_COPY = frozenset({"aac", "mp3", "opus", "flac", "alac", "ac3", "eac3", "mp2"})  # audio codecs an MP4 takes as they are
 
 
 def partial_name(path: Path) -> Path:
