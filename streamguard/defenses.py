@@ -10,15 +10,14 @@ defense.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import av
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .codecs import h264_roundtrip
 from .errors import ConfigError, InputError
 from .patchzero import build_defense
 
@@ -136,31 +135,6 @@ class JpegDefense(Preprocessor):
         return torch.from_numpy(np.ascontiguousarray(out)).to(x)
 
 
-def h264_roundtrip(frames: np.ndarray, crf: int, preset: str = "medium", fps: int = 25) -> np.ndarray:
-    """Encode ``(T, H, W, 3)`` uint8 RGB frames with libx264 (yuv420p, CRF) in memory and decode them back.
-
-    Odd sizes are edge-padded to even (4:2:0 needs it) and cropped back. One encoder thread and
-    x264's C code path (``asm=0``): its SIMD macroblock-tree code occasionally gives a different
-    bitstream for the same input, which would make evaluations irreproducible.
-    """
-    t, h, w, _ = frames.shape
-    padded = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = padded.shape[2], padded.shape[1], "yuv420p"
-        stream.options = {"crf": str(crf), "preset": preset, "threads": "1", "x264-params": "asm=0"}
-        for frame in padded:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        out.mux(stream.encode())
-    buf.seek(0)
-    with av.open(buf, "r") as inp:
-        decoded = np.stack([f.to_ndarray(format="rgb24") for f in inp.decode(video=0)])
-    if len(decoded) != t:
-        raise InputError(f"H.264 round trip returned {len(decoded)} frames for {t}")
-    return decoded[:, :h, :w]
-
-
 class VideoCompression(Preprocessor):
     """H.264 re-encoding of each clip (libx264 through PyAV, in memory, at a given CRF).
 
@@ -176,7 +150,7 @@ class VideoCompression(Preprocessor):
     def transform(self, x: Tensor) -> Tensor:
         clips = x if x.dim() == 5 else x[:, :, None]
         u8 = (clips.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
-        out = np.stack([h264_roundtrip(c, self.crf, self.preset) for c in u8])
+        out = np.stack([h264_roundtrip(c, self.crf, preset=self.preset) for c in u8])
         y = torch.from_numpy(out).permute(0, 4, 1, 2, 3).to(x) / 255
         return y if x.dim() == 5 else y[:, :, 0]
 

@@ -18,18 +18,17 @@ it has never seen. Everything is drawn at the detector's working scale (the mode
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import av
 import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
+from .codecs import h264_roundtrip, jpeg_roundtrip
 from .errors import ConfigError
 
 TEXTURES: tuple[str, ...] = ("uniform", "binary", "blocky", "stripes", "checker", "fractal", "colour")
@@ -168,31 +167,12 @@ def compressed(clip: Tensor, codec: Codec, quality: int) -> Tensor:
     or H.264 (``quality`` = CRF 0-51), in memory."""
     u8 = (clip.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
     if codec == "jpeg":
-        frames = [cv2.imdecode(cv2.imencode(".jpg", f[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])[1], 1)[..., ::-1]
-                  for f in u8]  # fmt: skip
-        out = np.stack(frames)
+        out = jpeg_roundtrip(u8, quality)
     elif codec == "h264":
-        out = _h264(u8, quality)
+        out = h264_roundtrip(u8, quality, preset="veryfast")
     else:
         raise ConfigError(f"unknown codec {codec!r} (choose jpeg, h264)")
     return torch.from_numpy(np.ascontiguousarray(out)).permute(3, 0, 1, 2).float() / 255
-
-
-def _h264(frames: np.ndarray, crf: int) -> np.ndarray:
-    t, h, w, _ = frames.shape
-    padded = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = padded.shape[2], padded.shape[1], "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "x264-params": "asm=0"}
-        for frame in padded:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        out.mux(stream.encode())
-    buf.seek(0)
-    with av.open(buf, "r") as inp:
-        decoded = np.stack([f.to_ndarray(format="rgb24") for f in inp.decode(video=0)])
-    return decoded[:t, :h, :w]
 
 
 @dataclass(frozen=True)

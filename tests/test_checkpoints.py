@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from streamguard import checkpoints
-from streamguard.checkpoints import Weights, get_weights, load_checkpoint, save_checkpoint, sha256_file
+from streamguard.checkpoints import (
+    Weights,
+    get_weights,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_file,
+)
 from streamguard.errors import CheckpointError
 
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_io import audio_packets, free_port, make_video, read_index
 from torch import nn
 from typer.testing import CliRunner
 
 from streamguard.cli import app
 from streamguard.detector import PSPNet
-from streamguard.patchzero import PatchZero, save_defense
 from streamguard.io import open_source
 from streamguard.models import build_model, save_model
-from test_io import audio_packets, free_port, make_video, read_index
+from streamguard.patchzero import PatchZero, save_defense
 
 runner = CliRunner()
 

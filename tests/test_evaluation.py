@@ -15,8 +15,8 @@ from streamguard.defenses import (
     JpegDefense,
     NoDefense,
     VideoCompression,
-    h264_roundtrip,
 )
+from streamguard.codecs import h264_roundtrip
 from streamguard.errors import ConfigError, InputError
 from streamguard.evaluation import (
     Report,

@@ -9,16 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_io import make_video, pattern, read_index
 from torch import Tensor, nn
 
 from streamguard.detector import PSPNet
-
-from streamguard.patchzero import PatchZero
 from streamguard.errors import InputError
 from streamguard.io import open_source
 from streamguard.models import ModelSpec, build_model
+from streamguard.patchzero import PatchZero
 from streamguard.pipeline import Pipeline, overlay
-from test_io import make_video, pattern, read_index
 
 SQUARE = (slice(28, 44), slice(40, 56))  # rows, cols of the pasted patch (bottom half, clear of the bits)
 MEAN = (0.5, 0.5, 0.5)

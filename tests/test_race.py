@@ -79,3 +79,25 @@ def test_pool_refreshes_and_round_trips() -> None:
     assert all(torch.equal(a.content, b.content) for a, b in zip(copy.entries, pool.entries))
     pool.refresh(5, rng)
     assert sum(e.iters for e in pool.entries) == 0
+
+
+def test_procedural_patches_cover_every_family_shape_and_pass() -> None:
+    """Every texture renders in range; shapes cover about their area; codec passes keep the clip's shape."""
+    from streamguard.patches import SHAPES, TEXTURES, compressed, procedural_patch, shape_mask, texture
+
+    rng = np.random.default_rng(0)
+    for family in TEXTURES:
+        t = texture(family, 9, 13, rng)
+        assert t.shape == (3, 9, 13) and t.min() >= 0 and t.max() <= 1 and t.std() > 0 or family == "colour"
+    for kind in SHAPES:
+        m = shape_mask((4, 64, 64), 0.10, rng, kind)
+        assert abs(m[0].mean() - 0.10) < 0.02 and all(np.array_equal(m[0], f) for f in m)  # fixed over the clip
+    moving = shape_mask((8, 64, 64), 0.05, np.random.default_rng(3), "square", moving=True)
+    assert not np.array_equal(moving[0], moving[-1])
+    clip = torch.rand(3, 4, 32, 32)
+    for codec, q in (("jpeg", 50), ("h264", 30)):
+        out = compressed(clip, codec, q)
+        assert out.shape == clip.shape and 0 < (out - clip).abs().mean() < 0.3  # white noise: the worst case for a codec
+        assert torch.equal(out, compressed(clip, codec, q))  # deterministic
+    x, m, draw = procedural_patch(clip, np.random.default_rng(5), ["stripes"], codec=0.0)
+    assert draw.family == "stripes" and m.shape == (1, 4, 32, 32) and torch.equal(x * (1 - m), clip * (1 - m))

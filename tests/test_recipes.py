@@ -3,7 +3,13 @@ from pathlib import Path
 import pytest
 
 from streamguard.errors import ConfigError
-from streamguard.recipes import find_recipe, list_recipes, load_recipe, parse_recipe, recipe_to_dict
+from streamguard.recipes import (
+    find_recipe,
+    list_recipes,
+    load_recipe,
+    parse_recipe,
+    recipe_to_dict,
+)
 
 
 def test_every_shipped_recipe_parses() -> None:

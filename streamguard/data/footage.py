@@ -58,7 +58,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +68,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..checkpoints import atomic_write_text
+from ..codecs import h264_roundtrip, jpeg_roundtrip
 from ..errors import ConfigError, InputError
 
 VIDEO_EXTS = frozenset({".avi", ".mp4", ".mkv", ".mov", ".webm"})
@@ -223,34 +223,6 @@ def draw_augment(rng: np.random.Generator) -> dict[str, Any]:
     return aug
 
 
-def h264_roundtrip(clip: np.ndarray, crf: int, fps: int = 25) -> np.ndarray:
-    """Encode ``(T, H, W, 3)`` uint8 RGB (even H, W) with libx264 in memory and decode it again."""
-    t, h, w, _ = clip.shape
-    enc = av.CodecContext.create("libx264", "w")
-    enc.width, enc.height, enc.pix_fmt = w, h, "yuv420p"
-    enc.time_base, enc.framerate = Fraction(1, fps), Fraction(fps, 1)
-    enc.thread_count = 1
-    # tune=zerolatency (no B-frames, lookahead or mb-tree, as live camera encoders): without it libx264's output
-    # differed between identical calls now and then, in a process that had decoded other video before
-    enc.options = {"crf": str(crf), "preset": "veryfast", "tune": "zerolatency", "threads": "1"}
-    packets = []
-    for i, image in enumerate(clip):
-        # colour conversion by OpenCV (BT.601, limited range, as the decoder assumes) both ways: no swscale state
-        frame = av.VideoFrame.from_ndarray(cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2YUV_I420), format="yuv420p")
-        frame.pts = i
-        packets += enc.encode(frame)
-    packets += enc.encode(None)
-    dec = av.CodecContext.create("h264", "r")
-    dec.thread_count = 1
-    frames = []
-    for packet in packets:
-        frames += dec.decode(packet)
-    frames += dec.decode(None)
-    if len(frames) != t:
-        raise InputError(f"h264 round trip returned {len(frames)} of {t} frames")
-    return np.stack([cv2.cvtColor(f.to_ndarray(format="yuv420p"), cv2.COLOR_YUV2RGB_I420) for f in frames])
-
-
 def apply_augment(clip: np.ndarray, aug: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     """``clip`` (T, H, W, 3) uint8 after ``aug`` (see :func:`draw_augment`); noise is drawn from ``rng``."""
     x = clip.astype(np.float32)
@@ -263,10 +235,11 @@ def apply_augment(clip: np.ndarray, aug: dict[str, Any], rng: np.random.Generato
         x = x + rng.normal(0.0, aug["noise_sigma"], size=x.shape).astype(np.float32)
     out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     if "h264_crf" in aug:
-        out = h264_roundtrip(out, aug["h264_crf"])
+        # tune=zerolatency (no B-frames, lookahead or mb-tree, as live camera encoders): without it libx264's
+        # output differed between identical calls now and then, in a process that had decoded other video before
+        out = h264_roundtrip(out, aug["h264_crf"], preset="veryfast", tune="zerolatency", x264_params=None)
     elif "jpeg_quality" in aug:
-        params = [cv2.IMWRITE_JPEG_QUALITY, aug["jpeg_quality"]]
-        out = np.stack([cv2.imdecode(cv2.imencode(".jpg", f[..., ::-1], params)[1], cv2.IMREAD_COLOR)[..., ::-1] for f in out])
+        out = jpeg_roundtrip(out, aug["jpeg_quality"])
     return np.ascontiguousarray(out)
 
 
