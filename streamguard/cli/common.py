@@ -75,10 +75,12 @@ def progress_enabled() -> bool:
 
 
 @contextmanager
-def progress(description: str, total: int | None = None) -> Iterator[Callable[[Status], None]]:
-    """A rich progress bar (frames, frames/s) fed by ``Pipeline.run(on_progress=...)``."""
+def progress_bar(description: str, total: int | None, field: str | None = None,
+                 remaining: bool = False) -> Iterator[Callable[..., None] | None]:  # fmt: skip
+    """A rich progress bar on stderr: description, bar, done/total, an optional text ``field``, elapsed
+    (and remaining) time; yields its ``update(**kw)``, or ``None`` when progress is off."""
     if not progress_enabled():
-        yield lambda status: None
+        yield None
         return
     from rich.progress import (
         BarColumn,
@@ -86,17 +88,25 @@ def progress(description: str, total: int | None = None) -> Iterator[Callable[[S
         Progress,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[fps]:6.1f} frames/s"), TimeElapsedColumn())
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn(f"{{task.fields[{field}]}}")] if field else []
+    columns += [TimeElapsedColumn()] + ([TimeRemainingColumn()] if remaining else [])
     with Progress(*columns, console=err) as bar:
-        task = bar.add_task(description, total=total, fps=0.0)
+        task = bar.add_task(description, total=total, **({field: ""} if field else {}))
+        yield lambda **kw: bar.update(task, **kw)
 
-        def update(status: Status) -> None:
-            bar.update(task, completed=status.written, total=status.total or total, fps=status.fps)
 
-        yield update
+@contextmanager
+def progress(description: str, total: int | None = None) -> Iterator[Callable[[Status], None]]:
+    """A progress bar (frames, frames/s) fed by ``Pipeline.run(on_progress=...)``."""
+    with progress_bar(description, total, "fps") as update:
+        if update is None:
+            yield lambda status: None
+        else:
+            yield lambda s: update(completed=s.written, total=s.total or total, fps=f"{s.fps:6.1f} frames/s")
 
 
 FPS_WINDOW = 5.0  # seconds the status line's fps covers (clip pipelines write in bursts of clip_len frames)
@@ -231,21 +241,9 @@ def device_option(name: str) -> Any:
 
 @contextmanager
 def count_progress(description: str, total: int) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar fed with ``(done, total)``."""
-    if not progress_enabled():
-        yield lambda done, total: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    """A progress bar fed with ``(done, total)``."""
+    with progress_bar(description, total) as update:
+        yield (lambda done, total: None) if update is None else (lambda done, total: update(completed=done, total=total))
 
 
 DetectorOpt = Annotated[str | None, typer.Option("--detector", help="PatchZero weights: shipped name or checkpoint path.")]

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..recipes import Recipe
 
 
-from .common import App, app, err, out, progress_enabled, summary_table
+from .common import App, app, out, progress_bar, summary_table
 
 # ---------------------------------------------------------------- train
 
@@ -45,29 +45,17 @@ def _train_recipe(name: str, steps: int | None, output: Path | None) -> Recipe:
 
 @contextmanager
 def _train_progress(description: str) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
-    """A rich progress bar fed by the training loops' ``on_progress(step, total, metrics)``."""
-    if not progress_enabled():
-        yield lambda step, total, metrics: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    """A progress bar fed by the training loops' ``on_progress(step, total, metrics)``."""
+    with progress_bar(description, None, "metrics", remaining=True) as update:
+        if update is None:
+            yield lambda step, total, metrics: None
+            return
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err) as bar:
-        task = bar.add_task(description, total=None, metrics="")
-
-        def update(step: int, total: int, metrics: dict[str, float]) -> None:
+        def show(step: int, total: int, metrics: dict[str, float]) -> None:
             shown = "  ".join(f"{label} {metrics[k]:.3f}" for k, label in _METRIC_LABELS.items() if k in metrics)
-            bar.update(task, completed=step, total=total, metrics=shown)
+            update(completed=step, total=total, metrics=shown)
 
-        yield update
+        yield show
 
 
 def _print_result(title: str, result: Any) -> None:
