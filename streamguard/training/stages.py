@@ -468,6 +468,7 @@ def _race(
     meta = {
         "command": command, "seed": t.seed, "stage": 2, "steps": run.step, "best_step": run.extra.get("best_step"),
         "init": str(init), "metrics": {**metrics, **best}, "stopped_early": stopped, "recipe": recipe_to_dict(recipe),
+        "history": run.extra.get("history", []),
     }  # fmt: skip
     sha = _save_detector(recipe, detector, mean, path, meta)
     return TrainResult(path, sha, run.step, {**metrics, **best}, run.extra.get("history", []), stopped)
