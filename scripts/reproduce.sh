@@ -13,3 +13,7 @@ $SG evaluate synth-clip --defenses patchzero --detector synth-patchzero-stage1 -
 $SG evaluate pipelines/ablation-temporal.toml --max-videos "$N" --no-resume --output runs/evaluate/ablation-temporal \
     --markdown results/ablation-temporal.md
 $SG evaluate synth-detect --max-videos "$ND" --no-resume --output runs/evaluate/synth-detect --markdown results/synth-detect.md
+# what the detector has never seen: recall per patch family at the model scale and at native size, benign FPR
+python benchmarks/generalization.py --output benchmarks/results/generalization
+# the stage-2 race of the shipped detector, as a picture (needs the run's detector-stage2.pt)
+[ -f runs/train/synth-clip/detector-stage2.pt ] && python scripts/plot_race.py runs/train/synth-clip/detector-stage2.pt results/race.png
