@@ -151,7 +151,8 @@ class RaceTrainSection:
     pool: int = 64  # warm-started patches (one training clip, place, size and content each)
     draw: int = 4  # pool patches continued and trained on per step
     iters: int = 4  # BPDA iterations per draw
-    refresh: int = 1  # pool entries replaced by fresh ones (new place, random content) per step
+    refresh: float = 0.15  # pool entries replaced by fresh ones (new place, random content) per step, on average:
+    # an entry then lives about pool / refresh steps, drawn draw / refresh times (64 / 0.15 x 4 / 64: ~27 draws, ~107 iterations)
     method: Literal["pgd", "apgd"] = "pgd"
     do: int = 0  # cached DO clips per step (the stage-1 cache), so the DO rows do not regress
     procedural: int = 1  # procedural patches per step ([train.patches] textures)

@@ -427,7 +427,7 @@ def _race(
             fooled = (model(bpda(adv)).argmax(1) != y).tolist()
         for e, content, f in zip(entries, z.cpu(), fooled):
             e.content, e.iters, e.draws, e.fooled = content, e.iters + r.iters, e.draws + 1, bool(f)
-        pool.refresh(r.refresh, rng)
+        pool.refresh(int(r.refresh) + int(rng.random() < r.refresh % 1), rng)
         run.buffers["pool"] = pool.state_dict()
         xb, _ = next(benign)
         mb = torch.zeros_like(xb[:, :1])
