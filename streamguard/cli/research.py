@@ -62,21 +62,19 @@ def evaluate_command(
     defenses: Annotated[str | None, typer.Option("--defenses", help="Comma-separated defenses to run instead of evaluate.defenses (e.g. patchzero).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Downstream model checkpoint (overrides model.weights).")] = None,
     device: DeviceOpt = "cpu",
+    shard: Annotated[str | None, typer.Option("--shard", metavar="K/N",
+        help="Run only shard K of N (every N-th chunk of attack.batch videos from chunk K, so seeds and results "
+             "match a single run) into OUTPUT/shard-K-of-N/; join the shards with `streamguard merge OUTPUT`.")] = None,
 ) -> None:
     """Every defense under every attack of a recipe: accuracy (Table 4) or, for a per-frame detector, box AP
     (Table 3), and PatchZero's pixel metrics (Table 5a)."""
     from dataclasses import replace
 
-    from ..evaluation import (
-        evaluate,
-        is_frame_report,
-        save_markdown,
-        table3,
-        table4,
-        table5a,
-        table5a_rows,
-    )
+    from ..evaluation import evaluate
+    from ..evaluation.grid import parse_shard
     from ..recipes import load_recipe
+
+    part = parse_shard(shard) if shard is not None else None
 
     rec = load_recipe(recipe)
     settings = replace(rec.evaluate, max_videos=max_videos or rec.evaluate.max_videos, output=str(output or rec.evaluate.output))
@@ -87,14 +85,49 @@ def evaluate_command(
         rec.defense.weights = detector
     if model is not None:
         rec.model.weights = model
-    with count_progress(f"evaluate {rec.name}", 0) as on_progress:
-        report = evaluate(rec, on_progress=on_progress, resume=not no_resume, device=device_option(device))
+    label = f"evaluate {rec.name}" + (f" shard {part[0]}/{part[1]}" if part else "")
+    with count_progress(label, 0) as on_progress:
+        report = evaluate(rec, on_progress=on_progress, resume=not no_resume, device=device_option(device), shard=part)
+    _print_tables(report, markdown)
+
+
+def _print_tables(report: Any, markdown: Path | None) -> None:
+    from ..evaluation import (
+        is_frame_report,
+        save_markdown,
+        table3,
+        table4,
+        table5a,
+        table5a_rows,
+    )
+
     out.print(table3(report) if is_frame_report(report) else table4(report))
     if table5a_rows(report)[1]:
         out.print(table5a(report))
     if markdown is not None:
         out.print(f"markdown: {save_markdown(report, markdown)}")
     out.print(f"results: {report.path} ({len(report.samples)} samples)")
+
+
+@app.command("merge")
+def merge_command(
+    shards: Annotated[list[Path], typer.Argument(help="Shard folders (shard-K-of-N/), their report.json, or the "
+                                                      "evaluation output holding them.")],
+    output: Annotated[Path | None, typer.Option("--output", help="Where the merged report.json and samples.jsonl go "
+                                                "(default: the recipe's evaluate.output the shards ran with).")] = None,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the tables as markdown.")] = None,
+) -> None:
+    """Join the shards of `evaluate --shard K/N` into the report (and tables) a single run gives."""
+    from ..evaluation.report import (
+        Report,
+        find_shard_reports,
+        merge_reports,
+        save_merged,
+    )
+
+    merged = merge_reports([Report.load(p) for p in find_shard_reports(shards)])
+    save_merged(merged, output or Path(merged.settings["recipe"]["evaluate"]["output"]))
+    _print_tables(merged, markdown)
 
 
 
@@ -170,7 +203,7 @@ def attack_command(
         _write_frames(mask_out, result.mask if mask_out.suffix.lower() == ".npy" else result.mask[..., None].repeat(3, -1), fps)
 
     names = net.spec.class_names
-    label = lambda k: names[k] if k < len(names) else str(k)  # noqa: E731
+    label = lambda k: names[k] if k < len(names) else str(k)
     table = Table(title=f"streamguard attack: {method} {mode}, area {area:g}", title_justify="left")
     for column in ("clip", "frames", "clean", "attacked") + (("attacked + PatchZero",) if defense is not None else ()):
         table.add_column(column)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -15,6 +15,7 @@ from .common import (
     ImgszOpt,
     ModelOpt,
     app,
+    count_progress,
     defense_option,
     device_option,
     err,
@@ -53,8 +54,10 @@ def _demuxer_options(pairs: list[str] | None) -> dict[str, str]:
 
 @app.command()
 def sanitize(
-    input: Annotated[str, typer.Argument(help="Video file, lavfi:GRAPH or stream URL.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Sanitized MP4 (H.264, audio copied).")],
+    input: Annotated[str | None, typer.Argument(help="Video file, lavfi:GRAPH or stream URL; or many videos: a folder, "
+        "a quoted glob (\"clips/*.mp4\") or @LIST.txt (one path a line).", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Sanitized MP4 (H.264, audio copied); for many videos "
+        "a folder of <stem>.mp4.")] = ...,  # type: ignore[assignment]
     detector: DetectorOpt = None,
     imgsz: ImgszOpt = None,
     model: ModelOpt = None,
@@ -63,23 +66,41 @@ def sanitize(
     stride: Annotated[int | None, typer.Option("--stride", min=1, help="Frames between classifier windows.")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Mask threshold on patch probability.")] = None,
     dilate: Annotated[int | None, typer.Option("--dilate", min=0, help="Mask dilation radius (pixels).")] = None,
-    overlay: Annotated[Path | None, typer.Option("--overlay", help="Side-by-side input | mask | sanitized MP4.")] = None,
-    predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model.")] = None,
+    overlay: Annotated[Path | None, typer.Option("--overlay", help="Side-by-side input | mask | sanitized MP4 "
+        "(many videos: a folder of <stem>.mp4, not the output folder).")] = None,
+    predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model "
+        "(many videos: a folder of <stem>.jsonl).")] = None,
     device: DeviceOpt = "cpu",
     vid_stride: VidStrideOpt = 1,
     snapshot: SnapshotOpt = None,
     snapshot_every: SnapshotEveryOpt = 1.0,
     demuxer_option: DemuxerOpt = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", help="List file of videos, one path a line (like @LIST.txt).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Videos sanitized at once, one process each "
+        "(each loads the defense and model once and gets cores/N torch threads).")] = 1,
 ) -> None:
     """Repaint adversarial patches in a video; optionally run a downstream model on the result.
 
     Every frame is processed, as fast as the machine allows (no pacing, nothing dropped); to run a
     file as if it were a camera, use ``watch`` (paced at the file's frame rate).
+
+    Many videos (a folder, a glob, @LIST.txt or --inputs LIST.txt): -o is a folder that gets
+    <stem>.mp4 for each (--predictions and --overlay folders likewise), a failed video is reported
+    in one line and the others go on; exit code 3 when any failed.
     """
+    from ..batch import is_batch_input
+
+    options = _demuxer_options(demuxer_option)
+    if inputs is not None or (input is not None and is_batch_input(input)):
+        return _sanitize_many(input, inputs, output, workers, options, detector=detector, model=model, recipe=recipe,
+                              threshold=threshold, dilate=dilate, input_size=imgsz, clip_len=clip_len, stride=stride,
+                              vid_stride=vid_stride, device=device, predictions=predictions, overlay=overlay,
+                              snapshot=snapshot)  # fmt: skip
+    if input is None:
+        raise ConfigError("give a video (file, URL, folder, glob or @LIST.txt) or --inputs LIST.txt")
     from ..io import open_source
     from ..pipeline import Pipeline
 
-    options = _demuxer_options(demuxer_option)
     rec = recipe_option(recipe)
     net = model_option(model, rec, device)
     if predictions is not None and net is None:
@@ -93,6 +114,50 @@ def sanitize(
         with progress(f"sanitize {Path(input).name}", source.frame_count) as on_progress:
             summary = pipeline.run(on_progress=on_progress)
     out.print(summary_table("streamguard sanitize", summary_rows(summary)))
+
+
+def _sanitize_many(input: str | None, inputs: Path | None, output: Path, workers: int, options: dict[str, str], *,
+                   device: str, predictions: Path | None, overlay: Path | None, snapshot: Path | None,
+                   **settings: Any) -> None:  # fmt: skip
+    """``sanitize`` over many videos (:func:`streamguard.batch.sanitize_many`): a line per failure, a table."""
+    from rich.table import Table
+
+    from ..batch import SanitizeSettings, expand_inputs, sanitize_many
+    from ..errors import InputError
+
+    if snapshot is not None:
+        raise ConfigError("--snapshot takes one video, not a batch")
+    if output.suffix.lower() in {".mp4", ".m4v", ".mov", ".mkv"}:
+        raise ConfigError(f"-o {output}: with many videos -o is an output folder (each gets <stem>.mp4)")
+    device_option(device)  # fail early on a device torch cannot use
+    videos = expand_inputs([*([input] if input is not None else []), *([f"@{inputs}"] if inputs is not None else [])])
+    config = SanitizeSettings(device=device, options=options, **settings)
+    finished: list[Any] = []
+    with count_progress(f"sanitize {len(videos)} videos", len(videos)) as on_count:
+
+        def on_result(result: Any) -> None:  # one line per failure as it happens, then the bar
+            finished.append(result)
+            if not result.ok:
+                err.print(f"[bold red]failed:[/] {escape(result.error or result.input)}")
+            on_count(len(finished), len(videos))
+
+        results = sanitize_many(videos, output, workers=workers, settings=config, predictions_dir=predictions,
+                                overlay_dir=overlay, on_result=on_result)  # fmt: skip
+    table = Table(title="streamguard sanitize", title_justify="left")
+    for column in ("input", "status", "frames", "frames/s", "output / error"):
+        table.add_column(column, justify="right" if column in ("frames", "frames/s") else "left")
+    for r in results:
+        name = r.input if "://" in r.input or r.input.startswith("lavfi:") else Path(r.input).name
+        fps = f"{r.frames / r.seconds:.1f}" if r.ok and r.seconds > 0 else ""
+        error = (r.error or "").removeprefix(f"{r.input}: ")  # the failed: line above has it in full
+        table.add_row(escape(name), "done" if r.ok else "[red]failed[/]", str(r.frames) if r.ok else "", fps,
+                      escape(r.output.name if r.ok else error))  # fmt: skip
+    ok = sum(r.ok for r in results)
+    table.caption = f"{ok} done, {len(results) - ok} failed, {workers} worker{'s' if workers > 1 else ''}, into {escape(str(output))}"
+    out.print(table)
+    failed = [Path(r.input).name for r in results if not r.ok]
+    if failed:
+        raise InputError(f"{len(failed)} of {len(results)} videos failed: {', '.join(failed)}")
 
 
 @app.command()

@@ -250,6 +250,44 @@ def _chunks(videos: list[int], size: int) -> Iterator[tuple[int, list[int]]]:
         yield c // size, videos[c : c + size]
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` as ``(K, N)`` with ``0 <= K < N``; ``ConfigError`` otherwise."""
+    k, sep, n = text.partition("/")
+    try:
+        shard = (int(k), int(n)) if sep else None
+    except ValueError:
+        shard = None
+    if shard is None:
+        raise ConfigError(f"--shard {text!r}: expected K/N, e.g. 0/4")
+    check_shard(shard)
+    return shard
+
+
+def check_shard(shard: tuple[int, int]) -> None:
+    k, n = shard
+    if not (n >= 1 and 0 <= k < n):
+        raise ConfigError(f"shard {k}/{n}: expected 0 <= K < N and N >= 1")
+
+
+def shard_dir(output: str | Path, shard: tuple[int, int]) -> Path:
+    """Where shard ``(K, N)`` of an evaluation writes: ``<output>/shard-K-of-N``."""
+    return Path(output) / f"shard-{shard[0]}-of-{shard[1]}"
+
+
+def shard_chunks(videos: list[int], size: int, shard: tuple[int, int] | None) -> list[tuple[int, list[int]]]:
+    """The chunks of ``size`` videos (in evaluation order) that shard ``(K, N)`` runs: every N-th one from K.
+
+    Sharding is by chunk, not by video, because a chunk is one attack batch: its index seeds the
+    attacks (``_seed(attack.seed, chunk, ...)``) and its videos are attacked together, so only a
+    shard that keeps the single run's chunks (indices and composition) reproduces its results.
+    """
+    chunks = list(_chunks(videos, size))
+    if shard is None:
+        return chunks
+    check_shard(shard)
+    return [(c, ids) for c, ids in chunks if c % shard[1] == shard[0]]
+
+
 def evaluate(
     recipe: Recipe,
     *,
@@ -259,6 +297,7 @@ def evaluate(
     patchzero: nn.Module | None = None,
     dataset: Any = None,
     device: str | torch.device = "cpu",
+    shard: tuple[int, int] | None = None,
 ) -> Report:
     """Run the recipe's defenses × attacks grid on its clip classifier or per-frame detector; returns
     the :class:`Report` and writes it to ``evaluate.output/report.json``.
@@ -271,8 +310,16 @@ def evaluate(
 
     Results are deterministic given the recipe (seeds: ``attack.seed`` for patch locations and attack
     initialisations, ``data.seed`` for the video order) and the video count.
+
+    ``shard=(K, N)`` runs only every N-th chunk of ``attack.batch`` videos from chunk K
+    (:func:`shard_chunks`: the same chunks, seeds and results as a single run) and writes to
+    ``evaluate.output/shard-K-of-N/``; its report's settings say so under ``"shard"`` (with the
+    whole run's video order), and :func:`~streamguard.evaluation.report.merge_reports` joins the N
+    shard reports into the single run's report.
     """
     _check(recipe)
+    if shard is not None:
+        check_shard(shard)
     if model is None:
         model = build_model(recipe.model.name, recipe.model.num_classes, recipe.model.weights)
     frames = model.spec.task == "frame"
@@ -295,7 +342,11 @@ def evaluate(
         "model": model.spec.name,
         "cells": [[d, s.key] for d, s in grid(recipe)],
     }
-    out = Path(recipe.evaluate.output)
+    chunks = shard_chunks(videos, recipe.attack.batch, shard)
+    order, videos = videos, [v for _, ids in chunks for v in ids]
+    if shard is not None:
+        settings["shard"] = {"index": shard[0], "count": shard[1], "order": order}
+    out = Path(recipe.evaluate.output) if shard is None else shard_dir(recipe.evaluate.output, shard)
     log = SampleLog(out / "samples.jsonl", fingerprint, {"fingerprint": fingerprint, "recipe": settings["recipe"]}, resume)
     runner = (_FrameGrid if frames else _Grid)(recipe, model, defenses, log)
     wanted = set(videos)
@@ -306,7 +357,7 @@ def evaluate(
             on_progress(sum(1 for _, _, v in log.done if v in wanted), total)
 
     progress()
-    for chunk, ids in _chunks(videos, recipe.attack.batch):
+    for chunk, ids in chunks:
         todo = [v for v in ids if any(runner.missing(d, s, [v]) for d, s in runner.cells)]
         if todo:
             runner.run_chunk(chunk, _load_batch(dataset, todo), progress)

@@ -158,3 +158,81 @@ class SampleLog:
             os.fsync(f.fileno())
         self.records += records
         self.done |= {record_key(r["defense"], r["attack"], r["video"]) for r in records}
+
+
+# ---------------------------------------------------------------- shards
+
+
+def find_shard_reports(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The ``report.json`` of each shard: a path is a shard's ``report.json``, a shard folder, or a
+    folder holding ``shard-K-of-N/`` folders (an evaluation's output)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            found.append(p)
+        elif (p / "report.json").is_file() and p.name.startswith("shard-"):
+            found.append(p / "report.json")
+        elif p.is_dir() and (inner := sorted(p.glob("shard-*-of-*/report.json"))):
+            found += inner
+        else:
+            raise InputError(f"{p}: no shard report (expected report.json or shard-K-of-N/ folders)")
+    return found
+
+
+def merge_reports(reports: Sequence[Report]) -> Report:
+    """The N shard reports of ``evaluate(..., shard=(K, N))`` as the report of the single run.
+
+    Every shard of the same run (same results fingerprint, same video order, same N) must be there
+    exactly once; the samples are sorted as a single run sorts them (video position, defense,
+    attack) and the settings are the single run's (no ``"shard"``, ``"videos"`` = the whole order).
+    """
+    if not reports:
+        raise InputError("no shard reports to merge")
+    shards = []
+    for r in reports:
+        s = r.settings.get("shard")
+        if not isinstance(s, dict):
+            raise InputError(f"{r.path or 'report'}: not a shard report (evaluate --shard K/N writes those)")
+        shards.append(s)
+    first, base = reports[0], shards[0]
+    for r, s in zip(reports[1:], shards[1:]):
+        if r.settings.get("fingerprint") != first.settings.get("fingerprint"):
+            raise ConfigError(f"{r.path}: results of other settings or weights than {first.path}")
+        if s["count"] != base["count"] or s["order"] != base["order"]:
+            raise ConfigError(f"{r.path}: a shard of another split than {first.path} (N or video order differ)")
+    n = base["count"]
+    seen: dict[int, Path | None] = {}
+    for r, s in zip(reports, shards):
+        if s["index"] in seen:
+            raise ConfigError(f"shard {s['index']}/{n} given twice ({seen[s['index']]}, {r.path})")
+        seen[s["index"]] = r.path
+    missing = sorted(set(range(n)) - set(seen))
+    if missing:
+        raise InputError(f"missing shard(s) {', '.join(f'{k}/{n}' for k in missing)} of {n}")
+    order: list[int] = base["order"]
+    position = {v: i for i, v in enumerate(order)}
+    samples = [rec for r in reports for rec in r.samples]
+    if len({record_key(rec["defense"], rec["attack"], rec["video"]) for rec in samples}) != len(samples):
+        raise ConfigError("shards overlap: a sample appears in more than one shard")
+    samples.sort(key=lambda rec: (position[rec["video"]], rec["defense"], rec["attack"]))
+    settings = {k: v for k, v in first.settings.items() if k not in ("shard", "videos")}
+    return Report({**settings, "videos": order}, samples)
+
+
+def save_merged(report: Report, out: str | os.PathLike[str]) -> Path:
+    """Write a merged report as a single run leaves its output: ``report.json`` and a ``samples.jsonl``
+    that a later ``evaluate`` resumes from. An existing ``samples.jsonl`` of other settings is kept
+    (``ConfigError``)."""
+    out = Path(out)
+    log = out / "samples.jsonl"
+    fingerprint = report.settings.get("fingerprint")
+    if log.is_file():
+        try:
+            header = json.loads(log.read_text().split("\n", 1)[0])["header"]
+        except (KeyError, TypeError, json.JSONDecodeError):
+            header = {}
+        if header.get("fingerprint") != fingerprint:
+            raise ConfigError(f"{log} holds results of other settings; merge into another --output")
+    head = {"header": {"fingerprint": fingerprint, "recipe": report.settings.get("recipe")}}
+    write_atomic(log, "".join(json.dumps(r) + "\n" for r in [head, *report.samples]))
+    return report.save(out / "report.json")
