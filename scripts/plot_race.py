@@ -45,7 +45,7 @@ def draw(history: list[dict[str, float]], best: int | None, title: str) -> np.nd
             cv2.polylines(img, [np.array(points, np.int32)], False, colour, 2, cv2.LINE_AA)
         for p in points:
             cv2.circle(img, p, 3, colour, -1, cv2.LINE_AA)
-        cv2.putText(img, label, (W - M - 150, M + 20 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
+        cv2.putText(img, label, (W - M - 150, H - M - 60 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
     cv2.putText(img, title, (M, M - 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, "stage-2 step", (W // 2 - 40, H - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return img

@@ -62,12 +62,13 @@ def test_a_patch_found_at_64_is_found_at_every_frame_size(clips: tuple[torch.Ten
 
 
 def test_native_resolution_is_what_the_working_size_fixes(clips: tuple[torch.Tensor, ...]) -> None:
-    """The same weights at the frames' own size (the old behaviour) miss the upscaled patch."""
+    """The same weights at the frames' own size (the old behaviour) miss much of the upscaled patch."""
     _, x_adv, true = clips
-    native = build_defense(mean=(0.5, 0.5, 0.5))
+    working, native = build_defense(mean=(0.5, 0.5, 0.5)), build_defense(mean=(0.5, 0.5, 0.5))
     native.input_size = None
     big, big_true = _upscale(x_adv, (240, 320), "nearest-exact"), _upscale(true, (240, 320), "nearest-exact")
-    assert PixelCounts.from_masks(native.mask(big) > 0.5, big_true > 0.5).recall < 0.5
+    recall = {d: PixelCounts.from_masks(d.mask(big) > 0.5, big_true > 0.5).recall for d in (working, native)}
+    assert recall[native] < recall[working] - 0.2, recall
 
 
 class _Spot(torch.nn.Module):
