@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..checkpoints import atomic_write_text
+from ..checkpoints import atomic_write, atomic_write_text
 from ..codecs import h264_roundtrip, jpeg_roundtrip
 from ..errors import ConfigError, InputError
 
@@ -398,15 +398,6 @@ def _safe_stem(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:40] or "source"
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fingerprint(settings: dict[str, Any], sha: str) -> str:
     return hashlib.sha256(json.dumps({**settings, "sha256": sha, "format": FORMAT}, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -438,7 +429,7 @@ def _build_source(job: dict[str, Any]) -> dict[str, Any]:
         return {"skipped": (str(e).splitlines() or [type(e).__name__])[0].removeprefix(f"{path}: ")}
     (out / split).mkdir(parents=True, exist_ok=True)
     for j, clip in clips.items():
-        _save_npy(out / names[j], clip)
+        atomic_write(out / names[j], lambda f, clip=clip: np.save(f, clip))
     clip_records = [{"file": names[r["index"]], "source": str(path), "sha256": sha[:16], "kind": kind, "split": split, **r}
                     for r in records]  # fmt: skip
     part = {"fingerprint": fp, "source": str(path), "clips": clip_records}
