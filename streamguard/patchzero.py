@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 Temporal = Literal["mean", "none", "ema"]
 TEMPORAL: tuple[str, ...] = ("mean", "none", "ema")
 
+
 def dilate_mask(mask: Tensor, radius: int) -> Tensor:
     """Binary dilation with a (2r+1)x(2r+1) square over the last two dims; same as ``cv2.dilate``.
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from streamguard.codecs import h264_roundtrip
 from streamguard.defenses import (
     GTMask,
     JpegDefense,
     NoDefense,
     VideoCompression,
 )
-from streamguard.codecs import h264_roundtrip
 from streamguard.errors import ConfigError, InputError
 from streamguard.evaluation import (
     Report,
@@ -356,7 +356,7 @@ def test_adaptive_variants_are_run_and_the_worst_case_reported(tmp_path: Path) -
     r.evaluate.defenses = ["none", "patchzero"]
     r.evaluate.bpda_variants, r.evaluate.transfer_detector = ["t1", "identity", "iters100", "transfer"], str(other)
     report = evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0, 1, 2, 0]))
-    keys = {rec["attack"] for rec in report.records_of("patchzero")}
+    keys = {rec["attack"] for rec in report.samples if rec["defense"] == "patchzero"}
     assert keys == {"clean", "pgd-0.1-do", "pgd-0.1-bpda", "pgd-0.1-bpda-t1", "pgd-0.1-bpda-identity",
                     "pgd-0.1-bpda-iters100", "pgd-0.1-bpda-transfer"}  # fmt: skip
     bpda = [k for k in keys if "bpda" in k]

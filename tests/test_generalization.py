@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_io import make_video
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"

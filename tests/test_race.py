@@ -83,7 +83,14 @@ def test_pool_refreshes_and_round_trips() -> None:
 
 def test_procedural_patches_cover_every_family_shape_and_pass() -> None:
     """Every texture renders in range; shapes cover about their area; codec passes keep the clip's shape."""
-    from streamguard.patches import SHAPES, TEXTURES, compressed, procedural_patch, shape_mask, texture
+    from streamguard.patches import (
+        SHAPES,
+        TEXTURES,
+        compressed,
+        procedural_patch,
+        shape_mask,
+        texture,
+    )
 
     rng = np.random.default_rng(0)
     for family in TEXTURES:

@@ -1,7 +1,15 @@
 """Evaluation: the defenses x attacks grid (:mod:`.grid`, shardable), its results (:mod:`.report`, mergeable), the
 adaptive attack variants (:mod:`.adaptive`) and the paper's tables (:mod:`.tables`)."""
 
-from .grid import CLEAN, AttackSetting, evaluate, grid, load_dataset, parse_shard, video_masks
+from .grid import (
+    CLEAN,
+    AttackSetting,
+    evaluate,
+    grid,
+    load_dataset,
+    parse_shard,
+    video_masks,
+)
 from .report import Report, merge_reports
 from .tables import (
     is_frame_report,

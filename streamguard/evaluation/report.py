@@ -62,9 +62,6 @@ class Report:
     samples: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = None
 
-    def records_of(self, defense: str) -> list[dict[str, Any]]:
-        return [r for r in self.samples if r["defense"] == defense]
-
     def records(self, defense: str, attack: str) -> list[dict[str, Any]]:
         return [r for r in self.samples if r["defense"] == defense and r["attack"] == attack]
 

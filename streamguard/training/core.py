@@ -146,11 +146,13 @@ class Run:
     config: dict[str, Any]
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-    buffers: dict[str, Any] = field(default_factory=dict)  # more tensors a resume needs (stage 2's patch pool)
+    buffers: dict[str, Any] = field(default_factory=dict)  # more tensors a resume needs, as last restored
+    collect: Callable[[], dict[str, Any]] | None = None  # gathers them at each save (stage 2's patch pool)
 
     def save(self) -> None:
         tensors, rng_meta = _rng_state()
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "buffers": self.buffers, **tensors}
+        buffers = self.collect() if self.collect is not None else self.buffers
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "buffers": buffers, **tensors}
         order = {"scheme": "epoch-permutation", "seed": self.config["seed"], "step": self.step}
         meta = {"step": self.step, "config": self.config, "extra": self.extra, "data_order": order, **rng_meta}
         save_checkpoint(self.path, state, meta)

@@ -400,6 +400,7 @@ def _race(
     start_run(run, resume)
     if run.buffers:
         pool.load_state_dict(run.buffers["pool"])
+    run.collect = lambda: {"pool": pool.state_dict()}  # gathered only when a checkpoint is written
     workers = recipe.data.workers
     benign = step_loader(train_ds, r.benign + r.procedural, t.seed, run.step, t.steps, "benign", workers)
     do = None
@@ -428,7 +429,6 @@ def _race(
         for e, content, f in zip(entries, z.cpu(), fooled):
             e.content, e.iters, e.draws, e.fooled = content, e.iters + r.iters, e.draws + 1, bool(f)
         pool.refresh(int(r.refresh) + int(rng.random() < r.refresh % 1), rng)
-        run.buffers["pool"] = pool.state_dict()
         xb, _ = next(benign)
         mb = torch.zeros_like(xb[:, :1])
         for i in range(r.procedural if p.textures else 0):
