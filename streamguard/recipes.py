@@ -137,6 +137,7 @@ class PatchesTrainSection:
     procedural: float = 0.5  # fraction of the attacked clips of a step that get a procedural patch
     footage: str | None = None  # built by `streamguard data footage`; benign backgrounds beside SynthMotion
     footage_fraction: float = 0.5  # fraction of benign and procedural clips drawn from the footage
+    graphics: float = 0.0  # fraction drawn from synthetic full-frame graphics (streamguard.data.graphics)
     area_range: list[float] = field(default_factory=lambda: [0.01, 0.15])
     moving: float = 0.25
     upscale: float = 0.3
@@ -159,6 +160,7 @@ class RaceTrainSection:
     benign: int = 2
     task_weight: float = 0.0  # weight of the downstream loss on the sanitized attacked clips (through the soft mask)
     eval_iters: int = 20  # the held-out race: a fresh BPDA PGD of this many iterations on train.eval_videos clips
+    max_benign_fpr: float = 1.0  # a checkpoint is kept as the best only if it masks at most this fraction of held-out benign pixels
 
 
 @dataclass

@@ -263,9 +263,9 @@ def test_stage1_trains_on_procedural_patches(
     seen: list[float] = []
     step = stages._detector_step
 
-    def spy(detector: Any, optimizer: Any, x: torch.Tensor, mask: torch.Tensor, aux_weight: float) -> Any:
+    def spy(detector: Any, optimizer: Any, x: torch.Tensor, mask: torch.Tensor, aux_weight: float, **kw: Any) -> Any:
         seen.append(mask.flatten(1).amax(1).sum().item())  # clips with a patch
-        return step(detector, optimizer, x, mask, aux_weight)
+        return step(detector, optimizer, x, mask, aux_weight, **kw)
 
     monkeypatch.setattr(stages, "_detector_step", spy)
     missing_cache = str(tmp_path / "no-cache")

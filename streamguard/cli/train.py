@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,11 +44,16 @@ def _train_recipe(name: str, steps: int | None, output: Path | None) -> Recipe:
     return rec
 
 
+def _main_rank() -> bool:
+    """Under torchrun only rank 0 shows progress and prints results."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextmanager
 def _train_progress(description: str) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
     """A progress bar fed by the training loops' ``on_progress(step, total, metrics)``."""
     with progress_bar(description, None, "metrics", remaining=True) as update:
-        if update is None:
+        if update is None or not _main_rank():
             yield lambda step, total, metrics: None
             return
 
@@ -59,6 +65,8 @@ def _train_progress(description: str) -> Iterator[Callable[[int, int, dict[str, 
 
 
 def _print_result(title: str, result: Any) -> None:
+    if not _main_rank():
+        return
     rows = {"checkpoint": result.path, "sha256": result.sha256, "steps": result.steps}
     if getattr(result, "stopped_early", False):
         rows["stopped"] = "early: robust accuracy converged"
@@ -112,7 +120,8 @@ def train_cache_command(recipe: TrainRecipeArg, device: TrainDeviceOpt = None) -
     rec = _train_recipe(recipe, None, None)
     with _train_progress("attack cache") as on_progress:
         cache = build_attack_cache(rec, on_progress=on_progress, device=device)
-    out.print(f"attack cache: {cache}")
+    if _main_rank():
+        out.print(f"attack cache: {cache}")
 
 
 @train_app.command("detector")

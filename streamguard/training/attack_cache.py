@@ -24,6 +24,7 @@ from ..checkpoints import (
 from ..errors import ConfigError, InputError
 from ..recipes import Recipe
 from .core import ProgressFn, StepRNG, keyed_rng, pick_device, recipe_dataset, seed_for
+from .distributed import init_distributed
 
 # ---------------------------------------------------------------- detector, stage 1: cached DO attacks
 
@@ -113,25 +114,30 @@ def build_attack_cache(
     downstream model only (DO). Entries are written atomically, so generation resumes by skipping
     the entries that exist; leftover temporary files of a killed run are removed.
     """
-    dev = pick_device(device)
+    ddp, dev = init_distributed(pick_device(device))
     ds = recipe_dataset(recipe, "train", subset=recipe.train.cache_videos)
     cache, per = Path(recipe.train.cache), recipe.train.attacked_per_video
     config = _cache_config(recipe, len(ds))
-    _check_cache_config(cache, config)
-    for tmp in cache.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    if ddp.main:
+        _check_cache_config(cache, config)
+        for tmp in cache.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+    ddp.barrier()
     total, methods, batch = len(ds) * per, attack_methods(recipe), recipe.attack.batch
     todo = [k for k in range(total) if not _entry_path(cache, k).is_file()]
-    model = load_downstream(recipe, dev) if todo else None
+    ddp.barrier()  # every rank has the same list before any writes
+    chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)][ddp.rank :: ddp.world]  # under torchrun: a share each
+    model = load_downstream(recipe, dev) if chunks else None
     done, fooled = total - len(todo), 0
-    for chunk in (todo[i : i + batch] for i in range(0, len(todo), batch)):
+    for chunk in chunks:
         for method_id, method in enumerate(methods):
             ks = [k for k in chunk if k % len(methods) == method_id]
             if ks:
                 fooled += _cache_entries(recipe, model, ds, cache, ks, method, dev)
-        done += len(chunk)
-        if on_progress is not None:
-            on_progress(done, total, {"fooled": fooled / max(1, done - (total - len(todo)))})
+        done += len(chunk) * ddp.world
+        if on_progress is not None and ddp.main:
+            on_progress(min(done, total), total, {"fooled": fooled / max(1, (done - (total - len(todo))) // ddp.world)})
+    ddp.barrier()  # the cache is complete before any rank trains on it
     return cache
 
 

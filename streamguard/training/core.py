@@ -33,7 +33,7 @@ ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 _SALT = {
     "classifier": 1, "benign": 2, "attacked": 3, "augment": 4, "cache": 5, "stage2": 6, "eval": 7, "torch": 8, "frames": 9,
-    "patches": 10, "footage": 11, "pool": 12, "race": 13,
+    "patches": 10, "footage": 11, "pool": 12, "race": 13, "graphics": 14,
 }  # fmt: skip
 
 
@@ -148,8 +148,11 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
     buffers: dict[str, Any] = field(default_factory=dict)  # more tensors a resume needs, as last restored
     collect: Callable[[], dict[str, Any]] | None = None  # gathers them at each save (stage 2's patch pool)
+    main: bool = True  # under torchrun only rank 0 writes (streamguard.training.distributed)
 
     def save(self) -> None:
+        if not self.main:
+            return
         tensors, rng_meta = _rng_state()
         buffers = self.collect() if self.collect is not None else self.buffers
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "buffers": buffers, **tensors}

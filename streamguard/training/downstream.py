@@ -36,6 +36,7 @@ from .core import (
     train_loop,
     write_sidecar,
 )
+from .distributed import data_parallel, init_distributed
 
 
 def synth_train_recipe(recipe: Recipe, videos: int | None) -> Recipe:
@@ -75,7 +76,8 @@ def train_classifier(
     from ..data import symmetry_labels
     from ..models import build_model, set_spec
 
-    t, c, dev = recipe.train, recipe.train.classifier, pick_device(device)
+    t, c = recipe.train, recipe.train.classifier
+    ddp, dev = init_distributed(pick_device(device))
     d = recipe.data
     window = min(d.frames // d.stride, 2 * d.clip_len) if d.kind == "synthmotion" else d.clip_len
     train_ds = recipe_dataset(synth_train_recipe(recipe, synth_train_videos), "train", clip_len=window)
@@ -98,8 +100,10 @@ def train_classifier(
     config = run_config(
         recipe, model=recipe.model.name, synth_train_videos=synth_train_videos, symmetries=c.symmetries, vortex=c.vortex
     )
-    run = Run(Path(t.output) / "classifier-state.pt", model, optimizer, config)
+    run = Run(Path(t.output) / "classifier-state.pt", model, optimizer, config, main=ddp.main)
     start_run(run, resume)
+    net = data_parallel(model, ddp, dev)
+    rows, weight = ddp.rows(c.batch), ddp.weight(c.batch)
     batches = step_loader(train_ds, c.batch, t.seed, run.step, c.steps, "classifier", 0 if d.kind == "synthmotion" else d.workers)
 
     def step_fn(step: int) -> dict[str, float]:
@@ -108,21 +112,22 @@ def train_classifier(
         x = augment_clips(x, d.clip_len, gen, shift=c.shift)
         if mirror:
             x, y = mirror_clips(x, y, mirror, gen)
-        x, y = x.to(dev), y.to(dev)
+        x, y = x[rows].to(dev), y[rows].to(dev)
         for group in optimizer.param_groups:
             group["lr"] = one_cycle_lr(step, c.steps, c.lr)
         model.train()
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        logits = net(x)
+        loss = F.cross_entropy(logits, y) * weight
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+        return {"loss": ddp.mean(loss.item()), "acc": ddp.mean((logits.argmax(1) == y).float().mean().item() * weight)}
 
     def eval_fn(step: int) -> dict[str, float]:
         return {"top1": top1(model, test_ds, recipe.pipeline.batch, dev)}
 
-    metrics = train_loop(run, c.steps, t.seed, dev, step_fn, eval_fn, t.eval_every, t.checkpoint_every, on_progress)
+    progress = on_progress if ddp.main else None
+    metrics = train_loop(run, c.steps, t.seed, dev, step_fn, eval_fn, t.eval_every, t.checkpoint_every, progress)
     return _save_downstream(recipe, run, model, metrics, "classifier", command)
 
 
@@ -135,6 +140,8 @@ def _save_downstream(
     t = recipe.train
     path = Path(t.output) / f"{kind.replace('_', '-')}.pt"
     meta = {"command": command, "seed": t.seed, "steps": run.step, "metrics": metrics, "recipe": recipe_to_dict(recipe)}
+    if not run.main:  # under torchrun rank 0 writes it
+        return TrainResult(path, "", run.step, metrics, run.extra.get("history", []))
     sha = save_model(model.cpu().eval(), path, **meta)
     write_sidecar(path, sha, {"kind": kind, **meta})
     return TrainResult(path, sha, run.step, metrics, run.extra.get("history", []))
@@ -207,7 +214,8 @@ def train_frame_detector(
     from ..data import BoxClips
     from ..models import build_model, set_spec
 
-    t, f, dev = recipe.train, recipe.train.frame_detector, pick_device(device)
+    t, f = recipe.train, recipe.train.frame_detector
+    ddp, dev = init_distributed(pick_device(device))
     num_classes = recipe.model.num_classes or 2
     train_set = FrameTargets(BoxClips(recipe_dataset(recipe, "train"), num_classes))
     test_clips = recipe_dataset(recipe, "test")
@@ -219,27 +227,29 @@ def train_frame_detector(
     set_spec(model, dataclasses.replace(model.spec, class_names=names))
     optimizer = adamw(model, f.lr)
     config = run_config(recipe, model=recipe.model.name, frame_batch=f.batch, frame_lr=f.lr)
-    run = Run(Path(t.output) / "frame-detector-state.pt", model, optimizer, config)
+    run = Run(Path(t.output) / "frame-detector-state.pt", model, optimizer, config, main=ddp.main)
     start_run(run, resume)
+    net = data_parallel(model, ddp, dev)
+    rows, weight = ddp.rows(f.batch), ddp.weight(f.batch)
 
     def step_fn(step: int) -> dict[str, float]:
         items = [train_set[int(i)] for i in step_indices(len(train_set), f.batch, t.seed, step, "frames")]
         gen = torch.Generator().manual_seed(seed_for(t.seed, "augment", step))
-        images = augment_clips(torch.stack([frame for frame, _ in items])[:, :, None], 1, gen)[:, :, 0].to(dev)
-        targets = [{k: v.to(dev) for k, v in target.items()} for _, target in items]
+        images = augment_clips(torch.stack([frame for frame, _ in items])[:, :, None], 1, gen)[:, :, 0][rows].to(dev)
+        targets = [{k: v.to(dev) for k, v in target.items()} for _, target in items[rows]]
         for group in optimizer.param_groups:
             group["lr"] = one_cycle_lr(step, f.steps, f.lr)
         model.train()
-        losses = model(list(images), targets)
-        loss = sum(losses.values())
+        losses = net(list(images), targets)
+        loss = sum(losses.values()) * weight
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return {"loss": loss.item()}
+        return {"loss": ddp.mean(loss.item())}
 
     def eval_fn(step: int) -> dict[str, float]:
         return frame_ap(model, test_set, recipe.pipeline.batch * 4, dev)
 
     every = (f.eval_every or t.eval_every, f.checkpoint_every or t.checkpoint_every)
-    metrics = train_loop(run, f.steps, t.seed, dev, step_fn, eval_fn, *every, on_progress)
+    metrics = train_loop(run, f.steps, t.seed, dev, step_fn, eval_fn, *every, on_progress if ddp.main else None)
     return _save_downstream(recipe, run, model, metrics, "frame_detector", command)

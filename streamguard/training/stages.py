@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from .core import (
     train_loop,
     write_sidecar,
 )
+from .distributed import Dist, data_parallel, init_distributed
 from .race import PatchPool, PoolEntry, patch_attack
 
 
@@ -70,26 +72,32 @@ def _detector_step(
     mask: Tensor,
     aux_weight: float,
     extra_loss: Callable[[], Tensor] | None = None,
+    net: nn.Module | None = None,
+    ddp: Dist | None = None,
 ) -> dict[str, float]:
     """One Adam step of the detector on the frames of clips ``x`` ``(B, 3, T, H, W)`` / masks
-    ``(B, 1, T, H, W)``; ``extra_loss()`` (evaluated in eval mode, e.g. stage 2's task term) is added."""
+    ``(B, 1, T, H, W)``; ``extra_loss()`` (evaluated in eval mode, e.g. stage 2's task term) is added.
+    Under torchrun ``net`` is the DDP-wrapped ``detector`` and this rank trains on its rows of the batch."""
     from ..detector import detector_loss
 
-    frames, target = clip_frames(x), clip_frames(mask)
+    ddp = ddp or Dist()
+    rows, weight = ddp.rows(len(x)), ddp.weight(len(x))
+    frames, target = clip_frames(x[rows]), clip_frames(mask[rows])
     task = None
     if extra_loss is not None:
         detector.eval()
         task = extra_loss()
     detector.train()
-    outputs = detector(frames)
-    loss = detector_loss(outputs, target, aux_weight)
+    outputs = (net or detector)(frames)
+    loss = detector_loss(outputs, target, aux_weight) * weight
     if task is not None:
         loss = loss + task
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-    return {"loss": loss.item(), **pixel_scores(logits.detach(), target)}
+    scores = pixel_scores(logits.detach(), target)
+    return {"loss": ddp.mean(loss.item()), **{k: ddp.mean(v * weight) for k, v in scores.items()}}
 
 
 def _save_detector(
@@ -97,7 +105,7 @@ def _save_detector(
 ) -> str:
     from ..patchzero import save_defense
 
-    defense = _patchzero(recipe, detector.cpu().eval(), mean)
+    defense = _patchzero(recipe, copy.deepcopy(detector).cpu().eval(), mean)  # a copy: training may go on, on its device
     sha = save_defense(defense, path, **meta)
     write_sidecar(path, sha, {"kind": "detector", **meta})
     return sha
@@ -122,13 +130,12 @@ def train_detector_stage1(
     instead of SynthMotion. The frames take one Adam step (``train.lr``) on ``detector_loss`` (main
     + ``train.aux_weight`` x aux). Writes ``<train.output>/detector-stage1.pt`` (``save_defense``).
     """
-    t, dev = recipe.train, pick_device(device)
-    p = t.patches
+    t, p = recipe.train, recipe.train.patches
+    ddp, dev = init_distributed(pick_device(device))
     n_adv = t.batch // 2
     n_proc = round(n_adv * p.procedural) if p.textures else 0
     n_cache = n_adv - n_proc
     n_base = t.batch - n_cache  # benign clips, and the bases of the procedural patches
-    n_foot = round(n_base * p.footage_fraction) if p.footage else 0
     benign_ds = recipe_dataset(recipe, "train")
     mean = load_downstream(recipe, torch.device("cpu")).spec.mean
     with StepRNG(t.seed, dev, 3, 1):
@@ -136,22 +143,18 @@ def train_detector_stage1(
     optimizer = torch.optim.Adam(detector.parameters(), lr=t.lr)
     config = run_config(recipe, stage=1, backbone=recipe.defense.backbone, refine=recipe.defense.refine,
                         patches=dataclasses.asdict(p))  # fmt: skip
-    run = Run(Path(t.output) / "detector-stage1-state.pt", detector, optimizer, config)
+    run = Run(Path(t.output) / "detector-stage1-state.pt", detector, optimizer, config, main=ddp.main)
     start_run(run, resume)
-    workers = recipe.data.workers
-
-    def loader(ds: Any, n: int, salt: str) -> Iterator[Any] | None:
-        return step_loader(ds, n, t.seed, run.step, t.steps, salt, workers) if n else None
-
-    synth = loader(benign_ds, n_base - n_foot, "benign")
-    foot = loader(_footage(p.footage), n_foot, "footage") if n_foot else None
+    net = data_parallel(detector, ddp, dev)
+    bases = benign_bases(recipe, benign_ds, n_base, run.step)
     attacked = None
     if n_cache:
         cached_videos = len(benign_ds) if t.cache_videos is None else len(recipe_dataset(recipe, "train", subset=t.cache_videos))
-        attacked = loader(AttackCache(t.cache, cached_videos * t.attacked_per_video), n_cache, "attacked")
+        cache = AttackCache(t.cache, cached_videos * t.attacked_per_video)
+        attacked = step_loader(cache, n_cache, t.seed, run.step, t.steps, "attacked", recipe.data.workers)
 
     def step_fn(step: int) -> dict[str, float]:
-        base = torch.cat([next(it)[0] for it in (synth, foot) if it is not None])
+        base = bases()
         rng = keyed_rng(t.seed, "patches", step)
         base = base[torch.from_numpy(rng.permutation(len(base)))]
         mask = torch.zeros_like(base[:, :1])
@@ -160,19 +163,55 @@ def train_detector_stage1(
         if attacked is not None:
             xa, ma = next(attacked)
             base, mask = torch.cat([base, xa]), torch.cat([mask, ma])
-        return _detector_step(detector, optimizer, base.to(dev), mask.to(dev), t.aux_weight)
+        return _detector_step(detector, optimizer, base.to(dev), mask.to(dev), t.aux_weight, net=net, ddp=ddp)
 
-    metrics = train_loop(run, t.steps, t.seed, dev, step_fn, None, t.eval_every, t.checkpoint_every, on_progress)
+    progress = on_progress if ddp.main else None
+    metrics = train_loop(run, t.steps, t.seed, dev, step_fn, None, t.eval_every, t.checkpoint_every, progress)
     path = Path(t.output) / "detector-stage1.pt"
     meta = {"command": command, "seed": t.seed, "stage": 1, "steps": run.step, "metrics": metrics, "recipe": recipe_to_dict(recipe)}
-    sha = _save_detector(recipe, detector, mean, path, meta)
+    sha = _save_detector(recipe, detector, mean, path, meta) if ddp.main else ""
     return TrainResult(path, sha, run.step, metrics)
 
 
-def _footage(root: str | None) -> Any:
-    from ..data.footage import FootageClips
+GRAPHICS_TRAIN = 100_000  # graphics clips indices 0.. are for training; held-out ones start here
 
-    return FootageClips(root, split="train")
+
+def benign_bases(recipe: Recipe, benign_ds: Any, n: int, start: int) -> Callable[[], Tensor]:
+    """``n`` benign clips ``(n, 3, T, H, W)`` per call, the batches of steps ``start ..``: a
+    ``[train.patches] footage_fraction`` of real footage, a ``graphics`` fraction of synthetic
+    graphics (:class:`~streamguard.data.graphics.GraphicsClips`), the rest from ``benign_ds``."""
+    from ..data.footage import FootageClips
+    from ..data.graphics import GraphicsClips
+
+    t, p, d = recipe.train, recipe.train.patches, recipe.data
+    n_foot = round(n * p.footage_fraction) if p.footage else 0
+    n_graphics = min(round(n * p.graphics), n - n_foot)
+    sources = [(benign_ds, n - n_foot - n_graphics, "benign"), (n_foot and FootageClips(p.footage, "train"), n_foot, "footage"),
+               (n_graphics and GraphicsClips(GRAPHICS_TRAIN, d.size, d.clip_len, t.seed), n_graphics, "graphics")]  # fmt: skip
+    loaders = [step_loader(ds, k, t.seed, start, t.steps, salt, d.workers) for ds, k, salt in sources if k]
+    return lambda: torch.cat([next(it)[0] for it in loaders])
+
+
+def benign_fpr(defense: nn.Module, clips: Tensor, batch: int = 8) -> float:
+    """The fraction of the pixels of benign ``clips`` ``(B, 3, T, H, W)`` that ``defense`` masks."""
+    defense.eval()
+    with torch.no_grad():
+        masked = sum(float(defense.sanitize(clips[i : i + batch])[1].gt(0.5).sum()) for i in range(0, len(clips), batch))
+    return masked / (clips[:, :1].numel())
+
+
+def held_out_benign(recipe: Recipe, n: int) -> Tensor:
+    """``n`` held-out benign clips: the footage's test split (when the recipe has footage) and
+    graphics clips no training step draws, half each."""
+    from ..data.footage import FootageClips
+    from ..data.graphics import GraphicsClips
+
+    d, p = recipe.data, recipe.train.patches
+    footage = FootageClips(p.footage, "test") if p.footage else None
+    n_foot = min(n // 2, len(footage)) if footage is not None else 0
+    foot = [footage[int(i)][0] for i in np.linspace(0, len(footage) - 1, n_foot).round()] if n_foot else []
+    graphics = GraphicsClips(GRAPHICS_TRAIN + n, d.size, d.clip_len, recipe.train.seed)
+    return torch.stack(foot + [graphics[GRAPHICS_TRAIN + i][0] for i in range(n - n_foot)])
 
 
 # ---------------------------------------------------------------- detector, stage 2: online BPDA
@@ -254,10 +293,11 @@ def train_detector_stage2(
     for the true boxes (:func:`_online_frames`), robust score box AP50 (:func:`robust_ap50`), as the
     paper trains one PatchZero per task. Writes ``<train.output>/detector-stage2.pt``.
     """
-    dev = pick_device(device)
+    ddp, dev = init_distributed(pick_device(device))
     model = load_downstream(recipe, dev)
     trainer = _online_frames if model.spec.task == "frame" else _race
-    return trainer(recipe, init, model, dev, on_progress=on_progress, resume=resume, eval_videos=eval_videos, command=command)
+    return trainer(recipe, init, model, dev, ddp, on_progress=on_progress if ddp.main else None, resume=resume,
+                   eval_videos=eval_videos, command=command)  # fmt: skip
 
 
 def _online_frames(
@@ -265,6 +305,7 @@ def _online_frames(
     init: str | os.PathLike[str],
     model: nn.Module,
     dev: torch.device,
+    ddp: Dist,
     *,
     on_progress: ProgressFn | None,
     resume: bool,
@@ -293,10 +334,12 @@ def _online_frames(
     bpda = _patchzero(recipe, detector, mean, bpda=True).to(dev)
     optimizer = torch.optim.Adam(detector.parameters(), lr=t.lr)
     config = run_config(recipe, stage=2, backbone=recipe.defense.backbone, init=str(init))
-    run = Run(Path(t.output) / "detector-stage2-state.pt", detector, optimizer, config)
+    run = Run(Path(t.output) / "detector-stage2-state.pt", detector, optimizer, config, main=ddp.main)
     start_run(run, resume)
+    net = data_parallel(detector, ddp, dev)
     batches = step_loader(train_ds, t.batch, t.seed, run.step, t.steps, "stage2", recipe.data.workers)
-    methods, n_adv = attack_methods(recipe), max(1, t.batch // 2)
+    methods, n_adv = attack_methods(recipe), max(ddp.world, t.batch // 2)
+    share = ddp.rows(n_adv)  # this rank attacks these clips
 
     def step_fn(step: int) -> dict[str, float]:
         x, y = next(batches)
@@ -304,10 +347,11 @@ def _online_frames(
         mask, _ = draw_masks(recipe, tuple(x.shape[2:]), rngs)
         detector.eval()
         method = methods[step % len(methods)]
-        adv = masked_attack(recipe, model, method, "bpda", bpda, seed_for(t.seed, "stage2", step), x[:n_adv], y[:n_adv], mask, dev)
-        clips = torch.cat([adv, x[n_adv:]]).to(dev)
+        seed = seed_for(t.seed, "stage2", step)
+        adv = masked_attack(recipe, model, method, "bpda", bpda, seed, x[share], y[share], mask[share], dev)
+        clips = torch.cat([ddp.gather(adv.to(dev), n_adv), x[n_adv:].to(dev)])
         masks = torch.cat([torch.from_numpy(mask), torch.zeros_like(x[n_adv:, :1])]).to(dev)
-        return _detector_step(detector, optimizer, clips, masks, t.aux_weight)
+        return _detector_step(detector, optimizer, clips, masks, t.aux_weight, net=net, ddp=ddp)
 
     def eval_fn(step: int) -> dict[str, float]:
         scores = robust(recipe, model, bpda, eval_ds, t.seed, dev)
@@ -325,7 +369,7 @@ def _online_frames(
         "command": command, "seed": t.seed, "stage": 2, "steps": run.step, "init": str(init), "metrics": metrics,
         "stopped_early": stopped, "recipe": recipe_to_dict(recipe),
     }  # fmt: skip
-    sha = _save_detector(recipe, detector, mean, path, meta)
+    sha = _save_detector(recipe, detector, mean, path, meta) if ddp.main else ""
     return TrainResult(path, sha, run.step, metrics, run.extra.get("history", []), stopped)
 
 
@@ -355,6 +399,7 @@ def _race(
     init: str | os.PathLike[str],
     model: nn.Module,
     dev: torch.device,
+    ddp: Dist,
     *,
     on_progress: ProgressFn | None,
     resume: bool,
@@ -389,7 +434,7 @@ def _race(
     bpda = _patchzero(recipe, detector, mean, bpda=True).to(dev)
     optimizer = torch.optim.Adam(detector.parameters(), lr=t.lr)
     config = run_config(recipe, stage=2, backbone=recipe.defense.backbone, init=str(init), race=dataclasses.asdict(r))
-    run = Run(Path(t.output) / "detector-stage2-state.pt", detector, optimizer, config)
+    run = Run(Path(t.output) / "detector-stage2-state.pt", detector, optimizer, config, main=ddp.main)
     shape = tuple(train_ds[0][0].shape[1:])
 
     def make(video: int, rng: np.random.Generator) -> PoolEntry:
@@ -401,8 +446,11 @@ def _race(
     if run.buffers:
         pool.load_state_dict(run.buffers["pool"])
     run.collect = lambda: {"pool": pool.state_dict()}  # gathered only when a checkpoint is written
+    net = data_parallel(detector, ddp, dev)
+    share = ddp.rows(r.draw)  # this rank continues the attacks of these drawn entries; every rank keeps the whole pool
     workers = recipe.data.workers
-    benign = step_loader(train_ds, r.benign + r.procedural, t.seed, run.step, t.steps, "benign", workers)
+    bases = benign_bases(recipe, train_ds, r.benign + r.procedural, run.step)
+    benign_eval = held_out_benign(recipe, 32).to(dev)
     do = None
     if r.do:
         cached = len(recipe_dataset(recipe, "train")) if t.cache_videos is None else len(recipe_dataset(recipe, "train", subset=t.cache_videos))
@@ -422,14 +470,17 @@ def _race(
         y = torch.tensor([int(label) for _, label in items], device=dev)
         m = torch.stack([e.mask for e in entries]).to(dev)
         detector.eval()
-        z, _, _ = patch_attack(model, bpda, x, y, m, torch.stack([e.content for e in entries]).to(dev), r.iters, recipe.attack.step, r.method)
+        z0 = torch.stack([e.content for e in entries]).to(dev)
+        z, _, _ = patch_attack(model, bpda, x[share], y[share], m[share], z0[share], r.iters, recipe.attack.step, r.method)
+        z = ddp.gather(z.detach(), len(x))
         adv = x * (1 - m) + m * z
         with torch.no_grad():
             fooled = (model(bpda(adv)).argmax(1) != y).tolist()
         for e, content, f in zip(entries, z.cpu(), fooled):
             e.content, e.iters, e.draws, e.fooled = content, e.iters + r.iters, e.draws + 1, bool(f)
         pool.refresh(int(r.refresh) + int(rng.random() < r.refresh % 1), rng)
-        xb, _ = next(benign)
+        xb = bases()
+        xb = xb[torch.from_numpy(rng.permutation(len(xb)))]
         mb = torch.zeros_like(xb[:, :1])
         for i in range(r.procedural if p.textures else 0):
             xb[i], mb[i], _ = procedural_patch(xb[i], rng, p.textures, tuple(p.area_range), p.moving, p.upscale, p.codec)
@@ -438,17 +489,19 @@ def _race(
             xd, md = next(do)
             clips, masks = clips + [xd.to(dev)], masks + [md.to(dev)]
         task = (lambda: r.task_weight * F.cross_entropy(model(bpda(adv)), y)) if r.task_weight else None
-        metrics = _detector_step(detector, optimizer, torch.cat(clips), torch.cat(masks), t.aux_weight, task)
+        metrics = _detector_step(detector, optimizer, torch.cat(clips), torch.cat(masks), t.aux_weight, task, net, ddp)
         return {**metrics, "pool_fooled": float(np.mean(fooled)), "pool_success": pool.success(),
                 "pool_iters": float(np.mean([e.iters for e in pool.entries]))}  # fmt: skip
 
     def eval_fn(step: int) -> dict[str, float]:
         scores = race_score(model, bpda, ex, ey, emask, ez0, r.eval_iters, recipe.attack.step)
-        ok = scores["clean_acc"] >= run.extra["start_clean"] - 0.02
+        scores["benign_fpr"] = benign_fpr(bpda, benign_eval)
+        ok = scores["clean_acc"] >= run.extra["start_clean"] - 0.02 and scores["benign_fpr"] <= r.max_benign_fpr
         value = scores["robust_acc"] + 0.01 * scores["race_recall"] if ok else -1.0
         if value > run.extra.get("best", -1.0):
             run.extra.update(best=value, best_step=step, stale=0)
-            _save_detector(recipe, detector, mean, best_path, {"seed": t.seed, "stage": 2, "steps": step, "metrics": scores})
+            if ddp.main:
+                _save_detector(recipe, detector, mean, best_path, {"seed": t.seed, "stage": 2, "steps": step, "metrics": scores})
         else:
             run.extra["stale"] = run.extra.get("stale", 0) + 1
         return scores
@@ -461,6 +514,8 @@ def _race(
         run, t.steps, t.seed, dev, step_fn, eval_fn, t.eval_every, t.checkpoint_every, on_progress, _converged(t.patience)
     )
     stopped = run.step < t.steps
+    if not ddp.main:
+        return TrainResult(Path(t.output) / "detector-stage2.pt", "", run.step, metrics, run.extra.get("history", []), stopped)
     if best_path.is_file():
         detector.load_state_dict(load_defense(best_path).detector.state_dict())
     best = next((h for h in run.extra.get("history", []) if h["step"] == run.extra.get("best_step")), metrics)

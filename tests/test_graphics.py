@@ -1,0 +1,33 @@
+"""Synthetic benign graphics: deterministic full-frame clips, and the training mix that draws them."""
+
+from pathlib import Path
+
+import torch
+
+from streamguard.data.graphics import GraphicsClips
+from streamguard.recipes import parse_recipe
+from streamguard.training.stages import GRAPHICS_TRAIN, benign_bases, held_out_benign
+
+
+def test_graphics_clips_are_deterministic_varied_and_sized() -> None:
+    ds = GraphicsClips(8, size=32, clip_len=8, seed=3)
+    clip, label = ds[5]
+    assert clip.shape == (3, 8, 32, 32) and label == 0 and 0 <= clip.min() and clip.max() <= 1
+    assert torch.equal(clip, GraphicsClips(8, size=32, clip_len=8, seed=3)[5][0])
+    assert not torch.equal(clip, GraphicsClips(8, size=32, clip_len=8, seed=4)[5][0])
+    clips = torch.stack([ds[i][0] for i in range(8)])
+    assert clips.std(dim=(1, 2, 3, 4)).gt(0.02).sum() >= 6  # pictures, not flat fields
+    assert (clips[:, :, 1:] != clips[:, :, :-1]).flatten(1).any(1).sum() >= 2  # some of them move
+
+
+def test_benign_bases_mix_graphics_and_held_out_ones_are_never_drawn(tmp_path: Path) -> None:
+    synth = GraphicsClips(4, size=32, clip_len=8, seed=9)  # stands in for SynthMotion
+    rec = parse_recipe({"data": {"size": 32, "clip_len": 8}, "train": {"steps": 2, "patches": {"graphics": 0.5}}})
+    draw = benign_bases(rec, synth, 4, 0)
+    batch = draw()
+    from_synth = [any(torch.equal(b, synth[i][0]) for i in range(4)) for b in batch]
+    assert batch.shape == (4, 3, 8, 32, 32) and sum(from_synth) == 2  # graphics = 0.5 of 4
+    held = held_out_benign(rec, 4)  # no footage in this recipe: all graphics clips, past the training indices
+    train = GraphicsClips(GRAPHICS_TRAIN, 32, 8, rec.train.seed)
+    assert held.shape == (4, 3, 8, 32, 32)
+    assert all(torch.equal(h, train[GRAPHICS_TRAIN + i][0]) for i, h in enumerate(held))
