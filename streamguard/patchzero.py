@@ -364,7 +364,7 @@ def build_defense(
     (``None`` keeps the value before). ``mean`` is the downstream model's dataset mean, the colour
     of the repaint. With ``detector`` (a network being trained) no checkpoint is read and the working
     resolution defaults to none; otherwise the weights are ``weights``, else ``section.weights``,
-    else the shipped default detector.
+    else the shipped default detector. A ``.onnx`` path (``streamguard export``) runs under ONNX Runtime.
     """
     settings: dict[str, Any] = {}
     if section is not None:
@@ -378,6 +378,10 @@ def build_defense(
             raise ConfigError("build_defense: a detector without weights needs mean=... (the model's dataset mean)")
         return PatchZero(detector, **{k: v for k, v in settings.items() if v is not None})
     ref = weights or (section.weights if section is not None else None) or DEFAULT_DETECTOR
+    if str(ref).endswith(".onnx"):  # `streamguard export`'s graph, run by ONNX Runtime
+        from .export import load_onnx_defense
+
+        return load_onnx_defense(ref, **settings)
     return load_defense(ref, **settings)
 
 

@@ -15,7 +15,7 @@ from ..errors import StreamGuardError
 from .common import app, fail
 
 # the commands register themselves on ``app`` when their modules are imported
-from . import stream, research, data, train  # noqa: E402, F401, I001  isort: skip
+from . import stream, research, export, data, train  # noqa: E402, F401, I001  isort: skip
 
 
 def main() -> None:

@@ -246,7 +246,8 @@ def count_progress(description: str, total: int) -> Iterator[Callable[[int, int]
         yield (lambda done, total: None) if update is None else (lambda done, total: update(completed=done, total=total))
 
 
-DetectorOpt = Annotated[str | None, typer.Option("--detector", help="PatchZero weights: shipped name or checkpoint path.")]
+DetectorOpt = Annotated[str | None, typer.Option("--detector", help="PatchZero weights: shipped name, checkpoint path, "
+    "or a .onnx graph from `streamguard export` (run by ONNX Runtime).")]  # fmt: skip
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Downstream model: registry name, shipped weights or checkpoint.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device (cpu, cuda, cuda:1...).")]
 ImgszOpt = Annotated[int | None, typer.Option("--imgsz", min=8, help="Detector working size in pixels (square), like "
