@@ -9,6 +9,7 @@ factory every command uses (a recipe's ``[defense]`` table plus overrides).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -142,6 +143,15 @@ class PatchZero(nn.Module):
     def reset(self) -> None:
         """Forget the EMA state (call between videos/streams)."""
         self._state = None
+
+    def fork(self) -> PatchZero:
+        """The same defense on the same detector network (shared, not copied) with its own EMA
+        state: one per stream when several streams share a model."""
+        twin = copy.copy(self)
+        twin._modules = dict(self._modules)
+        twin._parameters, twin._buffers = dict(self._parameters), dict(self._buffers)
+        twin._state = None
+        return twin
 
     @contextmanager
     def bpda_mode(self, enabled: bool = True) -> Iterator[PatchZero]:

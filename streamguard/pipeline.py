@@ -185,6 +185,12 @@ class Pipeline:
         for module in (defense, model):
             if isinstance(module, torch.nn.Module):
                 module.to(self.device).eval()
+        self._reset()
+
+    def stop(self) -> None:
+        """Ask :meth:`run`, running in another thread, to finish as if the source had ended
+        (sinks are closed, not aborted). For many streams at once (:mod:`streamguard.fleet`)."""
+        self._stop.set()
 
     # ---------------------------------------------------------------- run
 

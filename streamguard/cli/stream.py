@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 
 from ..errors import ConfigError
 from .common import (
@@ -162,15 +165,18 @@ def _sanitize_many(input: str | None, inputs: Path | None, output: Path, workers
 
 @app.command()
 def watch(
-    source: Annotated[str, typer.Argument(help="Stream URL (rtsp://, tcp://, srt://, http(s)://...), /dev/videoN or lavfi:GRAPH.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Record the sanitized stream to this MP4.")] = None,
+    sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="Stream URLs (rtsp://, tcp://, srt://, "
+        "http(s)://...), /dev/videoN, lavfi:GRAPH or files; a .streams file holds one a line. Several are served by one model.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Record the sanitized stream to this MP4 "
+        "(several sources: a folder, one NAME.mp4 each).")] = None,
     duration: Annotated[float | None, typer.Option("--duration", min=0, help="Stop after this many seconds.")] = None,
     model: ModelOpt = None,
     detector: DetectorOpt = None,
     imgsz: ImgszOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Give up on a stalled source after this many seconds.")] = 10.0,
     reconnect: Annotated[int, typer.Option("--reconnect", min=0, help="Reopen a stalled, dropped or ended source up to N times in a row (backoff 0.25 s, doubling).")] = 0,
-    predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model.")] = None,
+    predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model "
+        "(several sources: a folder, one NAME.jsonl each).")] = None,
     recipe: Annotated[str | None, typer.Option("--recipe", help="Recipe name (e.g. camera) or TOML path.")] = None,
     device: DeviceOpt = "cpu",
     realtime: Annotated[bool | None, typer.Option("--realtime/--no-realtime",
@@ -181,28 +187,31 @@ def watch(
     snapshot: SnapshotOpt = None,
     snapshot_every: SnapshotEveryOpt = 1.0,
 ) -> None:
-    """Sanitize a live stream (newest frames win; Ctrl-C stops and keeps what was recorded).
+    """Sanitize live streams (newest frames win; Ctrl-C stops and keeps what was recorded).
 
     A file or lavfi graph is paced at its own frame rate, like a camera, so "dropped" counts the
     frames the defense and model could not keep up with. A status line (fps, latency p50/p95,
-    drops) updates once a second on stderr.
+    drops) updates once a second on stderr. Several sources share one loaded model, each with its
+    own reader, drops, latency and recordings; one that fails is reported and the rest go on.
     """
-    from ..io import ReconnectingSource, is_live_uri, open_source
+    from ..fleet import expand_sources
     from ..pipeline import Pipeline
 
     options = _demuxer_options(demuxer_option)
-    paced = (not is_live_uri(source)) if realtime is None else realtime
     rec = recipe_option(recipe)
     net = model_option(model, rec, device)
     defense = defense_option(detector, rec, net, input_size=imgsz)
-    if reconnect:
-        src = ReconnectingSource(source, attempts=reconnect, timeout=timeout, options=options, realtime=paced)
-    else:
-        src = open_source(source, live=is_live_uri(source) or None, timeout=timeout, options=options, realtime=paced)
+    uris = expand_sources(sources)
+    kw = {"duration": duration, "live": True, "device": device_option(device), "vid_stride": vid_stride,
+          "snapshot_every": snapshot_every, **pipeline_options(rec, batch=1)}  # fmt: skip
+    opened = {"timeout": timeout, "options": options, "realtime": realtime, "reconnect": reconnect}
+    if len(uris) > 1:
+        _watch_many(uris, defense, net, opened, output, predictions, snapshot, kw)
+        return
+    source = uris[0]
+    src, paced = _open_live(source, **opened)
     with src:
-        pipeline = Pipeline(src, defense, net, output=output, predictions=predictions, duration=duration, live=True,
-                            device=device_option(device), vid_stride=vid_stride, snapshot=snapshot,
-                            snapshot_every=snapshot_every, **pipeline_options(rec, batch=1))  # fmt: skip
+        pipeline = Pipeline(src, defense, net, output=output, predictions=predictions, snapshot=snapshot, **kw)
         with status_line(f"watch {source}") as on_progress:
             try:
                 summary = pipeline.run(on_progress=on_progress)
@@ -214,5 +223,95 @@ def watch(
     rows = summary_rows(summary) | {"paced (realtime)": "yes" if paced else "no"}
     rows |= {"reconnects": src.reconnects} if reconnect else {}
     out.print(summary_table("streamguard watch", rows))
+
+
+def _open_live(source: str, timeout: float, options: dict[str, str], realtime: bool | None, reconnect: int) -> tuple[Any, bool]:
+    """``watch``'s source: paced unless live (or as ``--realtime`` says), reconnecting when asked."""
+    from ..io import ReconnectingSource, is_live_uri, open_source
+
+    paced = (not is_live_uri(source)) if realtime is None else realtime
+    if reconnect:
+        return ReconnectingSource(source, attempts=reconnect, timeout=timeout, options=options, realtime=paced), paced
+    return open_source(source, live=is_live_uri(source) or None, timeout=timeout, options=options, realtime=paced), paced
+
+
+def _watch_many(uris: list[str], defense: Any, net: Any, opened: dict[str, Any], output: Path | None,
+                predictions: Path | None, snapshot: Path | None, kw: dict[str, Any]) -> None:  # fmt: skip
+    """Several sources, one model (:class:`~streamguard.fleet.Fleet`); outputs are folders."""
+    from contextlib import ExitStack
+
+    from ..errors import InputError, StreamError, StreamGuardError
+    from ..fleet import Fleet, fleet_summary, stream_names
+    from ..pipeline import Pipeline
+
+    names = stream_names(uris)
+    for folder in (output, predictions, snapshot):
+        if folder is not None:
+            if folder.suffix:
+                raise ConfigError(f"{folder}: with several sources, outputs are folders (one NAME.mp4/.jsonl/.jpg each)")
+            folder.mkdir(parents=True, exist_ok=True)
+    pipelines, failed = [], {}
+    with ExitStack() as stack:
+        for name, uri in zip(names, uris):
+            try:
+                src = stack.enter_context(_open_live(uri, **opened)[0])
+            except StreamGuardError as e:  # reported with the others; the rest are served
+                failed[name] = str(e)
+                continue
+            files = {"output": output and output / f"{name}.mp4", "predictions": predictions and predictions / f"{name}.jsonl",
+                     "snapshot": snapshot and snapshot / f"{name}.jpg"}  # fmt: skip
+            fork = defense.fork() if hasattr(defense, "fork") else defense
+            pipelines.append((name, Pipeline(src, fork, net, **files, **kw)))
+        if not pipelines:
+            raise InputError(f"none of the {len(uris)} sources could be opened: " + "; ".join(failed.values()))
+        fleet = Fleet([n for n, _ in pipelines], [p for _, p in pipelines])
+        with _fleet_status(fleet.names) as on_progress:
+            try:
+                results = fleet.run(on_progress)
+            except KeyboardInterrupt:
+                results = fleet.results
+    table = Table(title="streamguard watch", show_lines=False)
+    for column in ("stream", "frames", "frames/s", "dropped", "latency p50 / p95 (s)", "patched frames", "result"):
+        table.add_column(column, justify="left" if column in ("stream", "result") else "right")
+    for r in results:
+        s = r.summary
+        if s is None:
+            table.add_row(escape(r.name), "", "", "", "", "", f"[red]failed[/] {escape(r.error or '')}")
+        else:
+            table.add_row(escape(r.name), str(s.frames), f"{s.fps:.1f}", str(s.dropped), f"{s.latency_p50:.3f} / {s.latency_p95:.3f}",
+                          str(s.frames_with_patches), escape(", ".join(Path(v).name for v in s.outputs.values()) or "done"))  # fmt: skip
+    for name, error in failed.items():
+        table.add_row(escape(name), "", "", "", "", "", f"[red]failed[/] {escape(error)}")
+    totals = fleet_summary(results)
+    table.caption = (f"{totals['streams'] + len(failed)} streams, one model: {totals['frames']} frames, {totals['dropped']} dropped, "
+                     f"worst p95 {totals['worst latency p95 (s)']:.3f} s")  # fmt: skip
+    out.print(table)
+    bad = [r.name for r in results if r.error] + list(failed)
+    if bad:
+        raise StreamError(f"{len(bad)} of {len(uris)} streams failed: {', '.join(bad)}")
+
+
+@contextmanager
+def _fleet_status(names: list[str], every: float = 1.0) -> Iterator[Callable[[list[Any]], None]]:
+    """One stderr line a second: each stream's fps, p95 latency and drops (``None``: it ended)."""
+    import os
+    import sys
+    import time
+
+    if os.environ.get("STREAMGUARD_NO_PROGRESS", "") in {"1", "true", "yes"}:
+        yield lambda statuses: None
+        return
+    last = [float("-inf")]
+
+    def show(statuses: list[Any]) -> None:
+        now = time.monotonic()
+        if now - last[0] < every:
+            return
+        last[0] = now
+        parts = [f"{n} ended" if s is None else f"{n} {s.fps:.1f} fps p95 {s.latency_p95:.2f} s dropped {s.dropped}"
+                 for n, s in zip(names, statuses)]  # fmt: skip
+        print("watch  " + " | ".join(parts), file=sys.stderr, flush=True)
+
+    yield show
 
 
