@@ -197,6 +197,8 @@ class Pipeline:
     def run(self, on_progress: Callable[[Status], None] | None = None, interval: float = 0.25) -> Summary:
         """Process the whole source (or ``duration`` seconds of it) and return a :class:`Summary`."""
         self._reset()
+        if hasattr(self.defense, "reset"):
+            self.defense.reset()
         sinks = self._open_sinks()
         frames_q: queue.Queue = queue.Queue(self.clip_len if self.live else max(self.queue, self.clip_len * self.batch))
         clean_q: queue.Queue = queue.Queue(1 if self.live else 2)
@@ -247,8 +249,6 @@ class Pipeline:
         self._latency_sum = self._latency_max = 0.0
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.busy = {"decode": 0.0, "defense": 0.0, "model": 0.0, "write": 0.0}
-        if hasattr(self.defense, "reset"):
-            self.defense.reset()
 
     def _open_sinks(self) -> dict[str, Any]:
         src = self.source
