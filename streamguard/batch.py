@@ -148,7 +148,7 @@ class BatchResult:
 
 
 @dataclass(frozen=True)
-class _Job:
+class Job:
     input: str
     output: Path
     predictions: Path | None
@@ -156,7 +156,7 @@ class _Job:
 
 
 def plan_outputs(inputs: Sequence[str], out_dir: str | os.PathLike[str], predictions_dir: str | os.PathLike[str] | None = None,
-                 overlay_dir: str | os.PathLike[str] | None = None) -> list[_Job]:  # fmt: skip
+                 overlay_dir: str | os.PathLike[str] | None = None) -> list[Job]:  # fmt: skip
     """Each input's ``<stem>.mp4`` (``.jsonl``) in the output folders; ``ConfigError`` when two inputs
     share a stem or an output would overwrite an input."""
     jobs, stems = [], {}
@@ -167,7 +167,7 @@ def plan_outputs(inputs: Sequence[str], out_dir: str | os.PathLike[str], predict
         if stem in stems:
             raise ConfigError(f"{stems[stem]} and {spec} would both write {stem}.mp4; rename one or run them apart")
         stems[stem] = spec
-        job = _Job(spec, Path(out_dir) / f"{stem}.mp4",
+        job = Job(spec, Path(out_dir) / f"{stem}.mp4",
                    Path(predictions_dir) / f"{stem}.jsonl" if predictions_dir is not None else None,
                    Path(overlay_dir) / f"{stem}.mp4" if overlay_dir is not None else None)  # fmt: skip
         for out in (job.output, job.predictions, job.overlay):
@@ -184,7 +184,7 @@ def plan_outputs(inputs: Sequence[str], out_dir: str | os.PathLike[str], predict
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(settings: SanitizeSettings, threads: int | None) -> None:
+def init_worker(settings: SanitizeSettings, threads: int | None) -> None:
     """Pool initializer: torch threads, then the defense and the model, once per worker."""
     if threads is not None:
         import torch
@@ -199,7 +199,7 @@ def _init_worker(settings: SanitizeSettings, threads: int | None) -> None:
     _STATE["settings"] = settings
 
 
-def _run_one(job: _Job) -> BatchResult:
+def run_one(job: Job) -> BatchResult:
     """One video through the worker's sanitizer. Per-video problems become a failed result;
     a sanitizer that could not be built is raised (it is not the video's fault)."""
     if "error" in _STATE:
@@ -278,15 +278,15 @@ def sanitize_many(
     if workers == 1:
         _STATE.clear()
         try:
-            _init_worker(settings, None)
+            init_worker(settings, None)
             for i, job in enumerate(jobs):
-                done(i, _run_one(job))
+                done(i, run_one(job))
         finally:
             _STATE.clear()
         return [results[i] for i in range(len(jobs))]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_worker,
                              initargs=(settings, worker_threads(workers))) as pool:  # fmt: skip
-        futures = {pool.submit(_run_one, job): i for i, job in enumerate(jobs)}
+        futures = {pool.submit(run_one, job): i for i, job in enumerate(jobs)}
         try:
             for future in as_completed(futures):
                 i = futures[future]

@@ -151,3 +151,27 @@ def test_settings_errors_stop_the_batch(assets: dict[str, Path], tmp_path: Path)
         result = runner.invoke(app, ["sanitize", clips, *args, "--detector", str(assets["none"])])
         assert result.exit_code == 2 and fragment in result.output, result.output
     assert runner.invoke(app, ["sanitize", "-o", str(tmp_path / "o")]).exit_code == 2  # no input at all
+
+
+@pytest.mark.slow
+def test_ray_writes_the_same_outputs_as_local_workers(assets: dict[str, Path], tmp_path: Path) -> None:
+    """``sanitize --ray local`` (the ray extra): actors load the model once and write what a local run writes."""
+    pytest.importorskip("ray")
+    import ray
+
+    clips = tmp_path / "in"
+    clips.mkdir()
+    for name in NAMES[:2]:
+        (clips / name).write_bytes((assets["clips"] / name).read_bytes())
+    (clips / "bad.mp4").write_bytes(b"\x00" * 4096)
+    args = ["--detector", str(assets["none"]), "--model", str(assets["model"]), "--stride", "4"]
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    runner.invoke(app, ["sanitize", str(clips), "-o", str(local), "--predictions", str(local / "p"), *args])
+    try:
+        result = runner.invoke(app, ["sanitize", str(clips), "-o", str(on_ray), "--predictions", str(on_ray / "p"),
+                                     "--ray", "local", "--workers", "2", *args])  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 3, result.output  # bad.mp4 failed, the others went on
+    assert "2 done, 1 failed" in result.stdout and "bad.mp4" in result.stderr
+    assert _frames(on_ray) == _frames(local) and sorted(p.name for p in on_ray.iterdir()) == ["a.mp4", "b.mp4", "p"]

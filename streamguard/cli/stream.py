@@ -81,6 +81,8 @@ def sanitize(
     inputs: Annotated[Path | None, typer.Option("--inputs", help="List file of videos, one path a line (like @LIST.txt).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Videos sanitized at once, one process each "
         "(each loads the defense and model once and gets cores/N torch threads).")] = 1,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="Sanitize many videos on Ray "
+        "(the ray extra): 'local', 'auto' or ray://HOST:PORT; --workers actors, each loading the model once.")] = None,
 ) -> None:
     """Repaint adversarial patches in a video; optionally run a downstream model on the result.
 
@@ -89,13 +91,13 @@ def sanitize(
 
     Many videos (a folder, a glob, @LIST.txt or --inputs LIST.txt): -o is a folder that gets
     <stem>.mp4 for each (--predictions and --overlay folders likewise), a failed video is reported
-    in one line and the others go on; exit code 3 when any failed.
+    in one line and the others go on; exit code 3 when any failed. --ray runs the batch on a Ray cluster.
     """
     from ..batch import is_batch_input
 
     options = _demuxer_options(demuxer_option)
     if inputs is not None or (input is not None and is_batch_input(input)):
-        return _sanitize_many(input, inputs, output, workers, options, detector=detector, model=model, recipe=recipe,
+        return _sanitize_many(input, inputs, output, workers, options, ray, detector=detector, model=model, recipe=recipe,
                               threshold=threshold, dilate=dilate, input_size=imgsz, clip_len=clip_len, stride=stride,
                               vid_stride=vid_stride, device=device, predictions=predictions, overlay=overlay,
                               snapshot=snapshot)  # fmt: skip
@@ -119,7 +121,8 @@ def sanitize(
     out.print(summary_table("streamguard sanitize", summary_rows(summary)))
 
 
-def _sanitize_many(input: str | None, inputs: Path | None, output: Path, workers: int, options: dict[str, str], *,
+def _sanitize_many(input: str | None, inputs: Path | None, output: Path, workers: int, options: dict[str, str],
+                   ray: str | None, *,
                    device: str, predictions: Path | None, overlay: Path | None, snapshot: Path | None,
                    **settings: Any) -> None:  # fmt: skip
     """``sanitize`` over many videos (:func:`streamguard.batch.sanitize_many`): a line per failure, a table."""
@@ -144,8 +147,16 @@ def _sanitize_many(input: str | None, inputs: Path | None, output: Path, workers
                 err.print(f"[bold red]failed:[/] {escape(result.error or result.input)}")
             on_count(len(finished), len(videos))
 
-        results = sanitize_many(videos, output, workers=workers, settings=config, predictions_dir=predictions,
-                                overlay_dir=overlay, on_result=on_result)  # fmt: skip
+        if ray is None:
+            results = sanitize_many(videos, output, workers=workers, settings=config, predictions_dir=predictions,
+                                    overlay_dir=overlay, on_result=on_result)  # fmt: skip
+        else:
+            from ..ray_batch import sanitize_ray
+
+            results = sanitize_ray(videos, output, actors=workers, settings=config, predictions_dir=predictions,
+                                   overlay_dir=overlay, address=None if ray == "local" else ray)  # fmt: skip
+            for result in results:
+                on_result(result)
     table = Table(title="streamguard sanitize", title_justify="left")
     for column in ("input", "status", "frames", "frames/s", "output / error"):
         table.add_column(column, justify="right" if column in ("frames", "frames/s") else "left")
