@@ -21,7 +21,9 @@ from .common import App, app, out, progress_bar, summary_table
 
 # ---------------------------------------------------------------- train
 
-train_app = App(name="train", help="Train the benchmark classifier or frame detector, and the PatchZero detector (resumable).", no_args_is_help=True)
+train_app = App(name="train", help="Train the benchmark classifier or frame detector, and the PatchZero detector (resumable; "
+               "runs under `torchrun --nproc_per_node N -m streamguard train ...` too, the batch split across processes).",
+               no_args_is_help=True)  # fmt: skip
 app.add_typer(train_app, name="train")
 
 TrainRecipeArg = Annotated[str, typer.Argument(help="Recipe name (pipelines/NAME.toml) or TOML path.")]
