@@ -3,7 +3,8 @@
 The graph is the detector alone at a fixed working size with a dynamic batch: frames
 ``(N, 3, H, W)`` RGB in [0, 1] -> logits ``(N, 1, H, W)``; a pixel is a patch where
 ``sigmoid(logit) > threshold``. The clip fusion, dilation and repaint stay with the caller (they
-are a few lines: :class:`~streamguard.patchzero.PatchZero` does them around :class:`OnnxDetector`);
+are a few lines: :class:`~streamguard.patchzero.PatchZero` does them around :class:`OnnxDetector`,
+see :func:`~streamguard.patchzero.load_onnx_defense`);
 ``<name>.json`` beside the graph carries everything needed to do them the same way.
 
 PSPNet's pyramid pooling averages its feature map over 1, 2, 3 and 6 bins; ONNX has no adaptive
@@ -25,7 +26,6 @@ from torch import Tensor, nn
 
 from .checkpoints import atomic_write_text, sha256_file
 from .errors import CheckpointError, ConfigError
-from .patchzero import PatchZero
 
 
 def pool_matrix(n_in: int, n_out: int) -> Tensor:
@@ -50,7 +50,7 @@ class FixedAdaptivePool(nn.Module):
         return self.rows @ x @ self.cols.T
 
 
-def exportable_detector(defense: PatchZero, size: tuple[int, int]) -> nn.Module:
+def exportable_detector(defense: nn.Module, size: tuple[int, int]) -> nn.Module:
     """A copy of ``defense``'s detector (eval mode) whose pyramid pools are fixed for ``size`` frames."""
     detector = copy.deepcopy(defense.detector).cpu().eval()
     maps: list[tuple[int, int]] = []
@@ -63,9 +63,10 @@ def exportable_detector(defense: PatchZero, size: tuple[int, int]) -> nn.Module:
     return detector
 
 
-def export_onnx(defense: PatchZero, path: str | os.PathLike[str], *, source: str = "", opset: int = 17) -> Path:
-    """Write ``defense``'s detector at its working size to ``path`` (ONNX, dynamic batch) and its
-    meta to ``path`` with ``.json``; both atomically. Returns the graph's path."""
+def export_onnx(defense: nn.Module, path: str | os.PathLike[str], *, source: str = "", opset: int = 17) -> Path:
+    """Write the detector of ``defense`` (a :class:`~streamguard.patchzero.PatchZero`) at its working
+    size to ``path`` (ONNX, dynamic batch) and its meta to ``path`` with ``.json``, both atomically.
+    Returns the graph's path."""
     if defense.input_size is None:
         raise ConfigError("export needs a working size: the weights have no input_size; pass --imgsz")
     size = tuple(defense.input_size)
@@ -116,11 +117,3 @@ class OnnxDetector(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         logits = self.session.run(["logits"], {"frames": np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)})[0]
         return torch.from_numpy(logits).to(x.device)
-
-
-def load_onnx_defense(path: str | os.PathLike[str], threads: int | None = None, **overrides: Any) -> PatchZero:
-    """A :class:`PatchZero` around an exported detector, with the settings of its ``.json``."""
-    detector = OnnxDetector(path, threads)
-    m = {**detector.meta, **{k: v for k, v in overrides.items() if v is not None}}
-    keys = ("threshold", "dilate", "temporal", "ema", "input_size", "temperature")
-    return PatchZero(detector, m["mean"], **{k: m[k] for k in keys if k in m}).eval()

@@ -389,10 +389,18 @@ def build_defense(
         return PatchZero(detector, **{k: v for k, v in settings.items() if v is not None})
     ref = weights or (section.weights if section is not None else None) or DEFAULT_DETECTOR
     if str(ref).endswith(".onnx"):  # `streamguard export`'s graph, run by ONNX Runtime
-        from .export import load_onnx_defense
-
         return load_onnx_defense(ref, **settings)
     return load_defense(ref, **settings)
+
+
+def load_onnx_defense(path: str | os.PathLike[str], threads: int | None = None, **overrides: Any) -> PatchZero:
+    """A :class:`PatchZero` around a detector exported by ``streamguard export``, run by ONNX Runtime,
+    with the settings of the graph's ``.json`` (``overrides`` win; ``None`` keeps the value)."""
+    from .export import OnnxDetector
+
+    detector = OnnxDetector(path, threads)
+    m = {**detector.meta, **{k: v for k, v in overrides.items() if v is not None}}
+    return PatchZero(detector, **{k: m[k] for k in _DEFENSE_KEYS if k in m and k != "bpda"}).eval()
 
 
 def art_preprocessor(defense: PatchZero, bpda: bool = True, apply_fit: bool = False) -> Any:

@@ -27,8 +27,8 @@ def export_command(
     """
     import torch
 
-    from ..export import export_onnx, load_onnx_defense
-    from ..patchzero import load_defense
+    from ..export import export_onnx
+    from ..patchzero import load_defense, load_onnx_defense
 
     defense = load_defense(detector, input_size=(imgsz, imgsz) if imgsz else None)
     path = output or Path(f"{Path(detector).stem}.onnx")
