@@ -101,8 +101,9 @@ def _load_defense(ref: str, **overrides):
     return load_defense(ref, **overrides)
 
 
-def camera_setup(recipe_name: str, with_model: bool) -> tuple[object, object, dict]:
-    """The recipe's defense (shipped weights, its temporal/threshold/dilate), model and pipeline settings."""
+def camera_setup(recipe_name: str, with_model: bool, detector: str | None = None) -> tuple[object, object, dict]:
+    """The recipe's defense (shipped weights, or ``detector``: a checkpoint or an exported ``.onnx``;
+    the recipe's temporal/threshold/dilate), model and pipeline settings."""
     from streamguard.models import build_model
     from streamguard.recipes import load_recipe
 
@@ -112,7 +113,12 @@ def camera_setup(recipe_name: str, with_model: bool) -> tuple[object, object, di
     overrides = {"threshold": d.threshold, "dilate": d.dilate, "temporal": d.temporal, "ema": d.ema}
     if model is not None:
         overrides["mean"] = tuple(model.spec.mean)
-    defense = _load_defense(d.weights, **overrides).eval()
+    if detector is not None and detector.endswith(".onnx"):
+        from streamguard.patchzero import build_defense
+
+        defense = build_defense(weights=detector, **overrides).eval()
+    else:
+        defense = _load_defense(detector or d.weights, **overrides).eval()
     p = rec.pipeline
     options = {"clip_len": p.clip_len, "stride": p.stride, "batch": p.batch, "queue": p.queue}
     return defense, model, options
@@ -190,7 +196,7 @@ def live_markdown(result: dict) -> str:
 def live_main(args: argparse.Namespace) -> None:
     from streamguard.checkpoints import atomic_write_text
 
-    defense, model, options = camera_setup(args.recipe, not args.no_model)
+    defense, model, options = camera_setup(args.recipe, not args.no_model, args.detector)
     sizes = [_size(v) for v in args.live_sizes.split(",") if v]
     file_size = _size(args.file_size)
     warm_up(defense, model, options, sizes[0] if sizes else file_size)
@@ -213,7 +219,7 @@ def live_main(args: argparse.Namespace) -> None:
                  "io_only": best_io, "ratio": round(best["fps"] / best_io["fps"], 4) if best_io["fps"] else None,
                  "all_sanitize_fps": [r["fps"] for r in runs], "all_io_fps": [r["fps"] for r in io_runs]},
         "settings": {
-            "recipe": args.recipe, "defense": "synth-patchzero", "model": getattr(getattr(model, "spec", None), "name", None),
+            "recipe": args.recipe, "defense": args.detector or "synth-patchzero", "model": getattr(getattr(model, "spec", None), "name", None),
             "pipeline": options, "temporal": defense.temporal, "detector_working_size": list(working) if working else None,
             "seconds": args.seconds, "file_frames": args.file_frames, "repeats": args.repeats,
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": "cpu",
@@ -257,6 +263,8 @@ def main() -> None:
     live.add_argument("--file-frames", type=int, default=100)
     live.add_argument("--recipe", default="camera")
     live.add_argument("--no-model", action="store_true", help="defense only (no downstream model)")
+    live.add_argument("--detector", default=None, help="detector weights or an exported .onnx (ONNX Runtime; "
+                      "`streamguard export`); default: the recipe's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
