@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .batch import BatchResult, SanitizeSettings, init_worker, Job, run_one, expand_inputs, plan_outputs
+from .batch import (
+    BatchResult,
+    Job,
+    SanitizeSettings,
+    expand_inputs,
+    init_worker,
+    plan_outputs,
+    run_one,
+)
 from .errors import ConfigError, StreamGuardError
 
 _FIELDS = ("input", "output", "predictions", "overlay")

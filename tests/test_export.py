@@ -11,7 +11,12 @@ from streamguard.cli import app
 from streamguard.detector import PSPNet
 from streamguard.errors import CheckpointError, ConfigError
 from streamguard.export import FixedAdaptivePool, export_onnx, pool_matrix
-from streamguard.patchzero import PatchZero, build_defense, load_onnx_defense, save_defense
+from streamguard.patchzero import (
+    PatchZero,
+    build_defense,
+    load_onnx_defense,
+    save_defense,
+)
 
 pytest.importorskip("onnxruntime")  # in the dev extra; `pip install 'streamguard[onnx]'` for users
 
