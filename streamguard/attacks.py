@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
 from .recipes import AttackSection
+from .resize import resize_uint8
 
 Method = Literal["pgd", "apgd", "cw"]
 Mode = Literal["do", "bpda"]
@@ -495,16 +496,6 @@ class AttackedVideo:
     defended: list[int] | None
 
 
-def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import cv2
-
-    h, w = size
-    if image.shape[:2] == (h, w):
-        return image
-    interp = cv2.INTER_AREA if image.shape[0] > h else cv2.INTER_LINEAR
-    return cv2.resize(image, (w, h), interpolation=interp)
-
-
 def _device(module: nn.Module) -> torch.device:
     return next(iter(module.parameters()), torch.empty(0)).device
 
@@ -531,7 +522,7 @@ def attack_video(
     is attacked with the model's clean prediction as its label. ``on_progress(done, total)`` counts clips.
     """
     spec = attack.model.spec
-    video = [_resize(np.asarray(f, dtype=np.uint8), spec.input_size) for f in frames]
+    video = [resize_uint8(np.asarray(f, dtype=np.uint8), spec.input_size) for f in frames]
     if not video:
         raise InputError("attack_video: the video has no frames")
     n_frames, t = len(video), spec.clip_len

@@ -14,9 +14,9 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from .checkpoints import (
 )
 from .detector import PSPNet
 from .errors import CheckpointError, ConfigError, InputError
-from .resize import resize_frames
+from .resize import refresh_region, resize_frames, resize_uint8
 
 if TYPE_CHECKING:
     from .recipes import DefenseSection
@@ -64,15 +64,26 @@ class _StraightThrough(torch.autograd.Function):
         return None, grad
 
 
+@dataclass
+class SanitizedFrames:
+    """:meth:`PatchZero.sanitize_frames` on ``N`` clips of ``T`` frames (the lists are indexed ``[n][t]``)."""
+
+    clean: list[list[np.ndarray]]  # (H, W, 3) uint8; a frame with nothing masked is the input frame itself
+    mask: list[list[np.ndarray]]  # (H, W) bool, True = repainted (read-only, may be shared between frames)
+    small: np.ndarray  # (N, T, h, w, 3) uint8: the clean frames at the working size, as resize_uint8 gives them
+
+
 class PatchZero(nn.Module):
     """Detect adversarial patches and repaint them with the dataset mean: ``x' = x*(1-m) + mean*m``.
 
     Input: clips (N,C,T,H,W) or frames (N,C,H,W) in [0,1]; frames are clips with T=1.
     ``temporal``: "mean" averages the detector's logits over the T frames of each clip (a patch
     that evades detection in some frames is still caught, and the mask does not flicker);
-    "ema" additionally keeps an exponential moving average of those fused logits across calls,
-    ``s <- ema*s + (1-ema)*fused`` per batch index (for live streams; every call advances it,
-    ``reset()`` clears it, a change of shape restarts it); "none" masks each frame on its own.
+    "ema" additionally keeps an exponential moving average of those fused logits over the clips of
+    one stream, ``s <- ema*s + (1-ema)*fused``: the N clips of a batch are consecutive clips and the
+    average runs through them in order, then on into the next call (for live streams; ``reset()``
+    clears it, a change of frame size restarts it, :meth:`fork` gives another stream its own);
+    "none" masks each frame on its own.
     The mask is ``sigmoid(logit) > threshold`` dilated by ``dilate`` pixels.
 
     Working resolution: with ``input_size`` ``(h, w)`` (the scale the detector was trained at, which
@@ -190,30 +201,42 @@ class PatchZero(nn.Module):
         return _restore(self._repaint(clips, mask), frames), _restore(mask, frames)
 
     @torch.no_grad()
-    def sanitize_frames(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded frames: uint8 ``(N, T, H, W, 3)`` RGB -> ``(clean uint8, same shape; mask bool (N, T, H, W))``.
+    def sanitize_frames(self, clips: Sequence[Sequence[np.ndarray]] | np.ndarray) -> SanitizedFrames:
+        """Decoded frames: ``N`` clips of ``T`` uint8 ``(H, W, 3)`` RGB frames (nested lists, or one
+        ``(N, T, H, W, 3)`` array) -> :class:`SanitizedFrames`.
 
         The path of :meth:`sanitize` (frames to the working size by area averaging, fused logits,
         threshold and dilation there, nearest upsampling, mean repaint), with the resizes and the
         repaint done on ``uint8`` frames by OpenCV and numpy instead of float tensors: the frame
-        never exists in float at full resolution, which is what lets a 720p stream run in real time
-        on a CPU. It differs from :meth:`sanitize` on a float copy by the uint8 rounding of the
-        shrunk frames only.
+        never exists in float at full resolution, a frame with nothing masked is not copied, and a
+        masked one is touched only inside the mask's bounding box, which is what lets a 720p stream
+        run in real time on a CPU. It differs from :meth:`sanitize` on a float copy by the uint8
+        rounding of the shrunk frames only.
         """
-        n, t, h, w, _ = images.shape
+        n, t = len(clips), len(clips[0])
+        h, w = clips[0][0].shape[:2]
         size = self.input_size or (h, w)
-        flat = images.reshape(n * t, h, w, 3)
-        if size != (h, w):
-            interp = cv2.INTER_AREA if size[0] <= h and size[1] <= w else cv2.INTER_LINEAR
-            flat = np.stack([cv2.resize(f, (size[1], size[0]), interpolation=interp) for f in flat])
-        x = torch.from_numpy(flat).to(self.mean.device).reshape(n, t, *size, 3).permute(0, 4, 1, 2, 3).float().div_(255)
-        small = self._hard_mask(self._fused_logits(x))[:, 0].to(torch.uint8).cpu().numpy()  # (N, T', h, w)
-        if size != (h, w):
-            small = np.stack([[cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST_EXACT) for m in clip] for clip in small])
-        mask = np.broadcast_to(small.astype(bool), (n, t, h, w))
-        clean = images.copy()
-        clean[mask] = np.round(self.mean.cpu().numpy() * 255).astype(np.uint8)
-        return clean, np.ascontiguousarray(mask)
+        small = np.stack([[resize_uint8(f, size) for f in clip] for clip in clips])  # (N, T, h', w', 3)
+        x = torch.from_numpy(small).to(self.mean.device).permute(0, 4, 1, 2, 3).float().div_(255)
+        hard = self._hard_mask(self._fused_logits(x))[:, 0].bool().cpu().numpy()  # (N, T', h', w'), T' = 1 when fused
+        paint = np.round(self.mean.cpu().numpy() * 255).astype(np.uint8)
+        rows, cols = _nearest_index(size[0], h), _nearest_index(size[1], w)
+        nothing = np.zeros((h, w), bool)
+        nothing.flags.writeable = False
+        clean, masks = [list(clip) for clip in clips], [[nothing] * t for _ in range(n)]
+        for i, k in np.argwhere(hard.any(axis=(2, 3))):
+            ys, xs = np.nonzero(hard[i, k])
+            r = np.flatnonzero((rows >= ys.min()) & (rows <= ys.max()))
+            c = np.flatnonzero((cols >= xs.min()) & (cols <= xs.max()))
+            box = (slice(r[0], r[-1] + 1), slice(c[0], c[-1] + 1))
+            full = np.zeros((h, w), bool)
+            full[box] = hard[i, k][np.ix_(rows[box[0]], cols[box[1]])]
+            for j in range(t) if hard.shape[1] == 1 else [k]:
+                frame = np.array(clips[i][j])
+                np.copyto(frame[box], paint, where=full[box][..., None])
+                clean[i][j], masks[i][j] = frame, full
+                refresh_region(frame, small[i, j], *box)
+        return SanitizedFrames(clean, masks, small)
 
     def working_size(self, clips: Tensor) -> tuple[int, int]:
         """The detector's (h, w) for these clips: ``input_size``, or the frames' own size if unset."""
@@ -259,9 +282,12 @@ class PatchZero(nn.Module):
             return logits
         fused = logits.mean(dim=2, keepdim=True)  # (N,1,1,h,w): one mask for the clip
         if self.temporal == "ema":
-            if self._state is not None and self._state.shape == fused.shape:
-                fused = self.ema * self._state.to(fused) + (1 - self.ema) * fused
-            self._state = fused.detach()
+            state = self._state if self._state is not None and self._state.shape == fused.shape[1:] else None
+            averaged = []
+            for clip in fused.unbind(0):  # (1, 1, h, w) each, in stream order
+                state = clip if state is None else self.ema * state.to(clip) + (1 - self.ema) * clip
+                averaged.append(state)
+            fused, self._state = torch.stack(averaged), state.detach()
         return fused
 
     def _hard_mask(self, logits: Tensor) -> Tensor:
@@ -297,6 +323,12 @@ class FramesAsClip(nn.Module):
 
     def forward(self, frames: Tensor) -> Tensor:
         return self.defense(frames.transpose(0, 1).unsqueeze(0)).squeeze(0).transpose(0, 1)
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Nearest-exact upsampling as indices: output pixel ``i`` of ``n_out`` copies input pixel
+    ``floor((i + 0.5) * n_in / n_out)``, as ``F.interpolate(mode="nearest-exact")`` does."""
+    return np.minimum(np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
 
 def _size_pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from .errors import ConfigError, InputError, StreamGuardError
 from .io import Frame, VideoSource
+from .resize import resize_uint8
 from .sinks import JsonlSink, VideoSink, partial_name
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class Item:
     clean: np.ndarray  # (H, W, 3) uint8 RGB, what is written
     mask: np.ndarray  # (H, W) bool, True = repainted pixel
     masked: float  # fraction of repainted pixels
+    small: np.ndarray | None = None  # (h, w, 3) uint8: ``clean`` at the detector's working size, when known
 
 
 @dataclass
@@ -375,16 +377,18 @@ class Pipeline:
             self.chunks += len(chunks)
             self.busy["defense"] += time.perf_counter() - tic
             return items
-        images = np.stack([[frame.image for frame, _ in chunk] for chunk in chunks])  # (N, T, H, W, 3)
         if hasattr(self.defense, "sanitize_frames"):  # PatchZero: resize and repaint in uint8
-            clean_u8, masks = self.defense.sanitize_frames(images)
+            out = self.defense.sanitize_frames([[frame.image for frame, _ in chunk] for chunk in chunks])
+            clean_u8, masks, small = out.clean, out.mask, out.small
         else:
+            images = np.stack([[frame.image for frame, _ in chunk] for chunk in chunks])  # (N, T, H, W, 3)
             x = torch.from_numpy(images).to(self.device).permute(0, 4, 1, 2, 3).float().div_(255)
             clean, mask = self.defense.sanitize(x)
             clean_u8 = clean.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
-            masks = (mask[:, 0] > 0.5).cpu().numpy()  # (N, T, H, W)
+            masks, small = (mask[:, 0] > 0.5).cpu().numpy(), None  # (N, T, H, W)
         items = [
-            Item(frame, received, clean_u8[n, t], masks[n, t], float(masks[n, t].mean()))
+            Item(frame, received, clean_u8[n][t], masks[n][t], np.count_nonzero(masks[n][t]) / masks[n][t].size,
+                 None if small is None else small[n, t])
             for n, chunk in enumerate(chunks)
             for t, (frame, received) in enumerate(chunk)
         ]
@@ -426,14 +430,13 @@ class Pipeline:
     def _resize(self, items: list[Item]) -> Tensor:
         """Sanitized frames as ``(len(items), 3, h, w)`` float at ``spec.input_size``.
 
-        Resized as the data sets and the attacks resize them (OpenCV on the ``uint8`` frames, area
-        averaging to shrink, bilinear to enlarge), so the model sees what it was trained and attacked at.
+        Resized as the data sets and the attacks resize them (:func:`~streamguard.resize.resize_uint8`:
+        area averaging to shrink, bilinear to enlarge), so the model sees what it was trained and
+        attacked at; when the model's size is the detector's working size, the defense already made them.
         """
-        h, w = self.spec.input_size
-        frames = [item.clean for item in items]
-        if frames[0].shape[:2] != (h, w):
-            interp = cv2.INTER_AREA if frames[0].shape[0] >= h else cv2.INTER_LINEAR
-            frames = [cv2.resize(f, (w, h), interpolation=interp) for f in frames]
+        size = tuple(self.spec.input_size)
+        frames = [item.small if item.small is not None and item.small.shape[:2] == size else resize_uint8(item.clean, size)
+                  for item in items]  # fmt: skip
         return torch.from_numpy(np.stack(frames)).to(self.device).permute(0, 3, 1, 2).float().div_(255)
 
     @torch.inference_mode()

@@ -216,6 +216,21 @@ def test_ema_state_across_calls_and_reset() -> None:
     assert torch.allclose(defense.logits(other), torch.full((1, 1, 2, h + 1, w), -3.0))
 
 
+def test_ema_runs_through_the_clips_of_a_batch_in_order() -> None:
+    """A batch of N clips is N consecutive clips of one stream: the same masks as N calls of one clip."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 2, 8, 8)
+    detector = nn.Conv2d(3, 1, 3, padding=1)  # logits that follow the frames
+    batched = PatchZero(detector, MEAN, temporal="ema", ema=0.6).eval()
+    one_by_one = batched.fork()
+    with torch.no_grad():
+        together = batched.logits(x)
+        apart = torch.cat([one_by_one.logits(x[i : i + 1]) for i in range(3)])
+        assert torch.allclose(together, apart, atol=1e-6)
+        assert not torch.allclose(together[1], together[2])  # it is an average over time, not a copy
+        assert torch.allclose(batched.logits(x[:1]), one_by_one.logits(x[:1]), atol=1e-6)  # and goes on into the next call
+
+
 def test_config_validation() -> None:
     stub = StubDetector(clip_logits(1, 1, 4, 4))
     for kwargs, field in [

@@ -16,6 +16,7 @@ from streamguard.metrics import PixelCounts
 from streamguard.models import load_model
 from streamguard.patchzero import PatchZero, build_defense
 from streamguard.recipes import DefenseSection
+from streamguard.resize import resize_uint8
 
 SIZES = [(64, 64), (240, 320), (480, 640)]
 
@@ -110,8 +111,13 @@ def test_uint8_frame_path_matches_the_float_path(clips: tuple[torch.Tensor, ...]
     u8 = big.mul(255).round().to(torch.uint8)
     defense = build_defense(mean=(0.5, 0.5, 0.5))
     clean_f, mask_f = defense.sanitize(u8.float() / 255)
-    clean_u, mask_u = defense.sanitize_frames(u8.permute(0, 2, 3, 4, 1).numpy())
+    frames = u8.permute(0, 2, 3, 4, 1).numpy()
+    out = defense.sanitize_frames(frames)
+    clean_u, mask_u = np.array(out.clean), np.array(out.mask)
     assert mask_u.shape == (2, 16, *size) and clean_u.dtype == np.uint8
+    shrunk = np.array([[resize_uint8(f, (64, 64)) for f in clip] for clip in clean_u])
+    assert out.small.shape == (2, 16, 64, 64, 3) and np.abs(out.small.astype(int) - shrunk).max() <= 1  # the clean frames, shrunk
+    assert not np.array_equal(out.small, np.array([[resize_uint8(f, (64, 64)) for f in clip] for clip in frames]))
     agree = (torch.from_numpy(mask_u) == (mask_f[:, 0] > 0.5)).float().mean().item()
     assert agree > 0.999 and mask_u.mean() > 0.05
     same = torch.from_numpy(mask_u) == (mask_f[:, 0] > 0.5)

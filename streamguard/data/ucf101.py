@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import av
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..errors import ConfigError, InputError, StreamGuardError
+from ..resize import resize_uint8
 
 SPLIT_DIR = "ucfTrainTestlist"
 UCF101_MEAN = (114.7748 / 255, 107.7354 / 255, 99.4750 / 255)  # ActivityNet mean used by MARS
@@ -137,10 +137,7 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     square = image[top : top + side, left : left + side]
-    if side == size:
-        return np.ascontiguousarray(square)
-    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    return cv2.resize(square, (size, size), interpolation=interp)
+    return np.ascontiguousarray(resize_uint8(square, (size, size)))
 
 
 class UCF101Clips(Dataset):

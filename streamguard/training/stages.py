@@ -154,12 +154,7 @@ def train_detector_stage1(
         attacked = step_loader(cache, n_cache, t.seed, run.step, t.steps, "attacked", recipe.data.workers)
 
     def step_fn(step: int) -> dict[str, float]:
-        base = bases()
-        rng = keyed_rng(t.seed, "patches", step)
-        base = base[torch.from_numpy(rng.permutation(len(base)))]
-        mask = torch.zeros_like(base[:, :1])
-        for i in range(n_proc):
-            base[i], mask[i], _ = procedural_patch(base[i], rng, p.textures, tuple(p.area_range), p.moving, p.upscale, p.codec)
+        base, mask = paste_procedural(recipe, bases(), n_proc, keyed_rng(t.seed, "patches", step))
         if attacked is not None:
             xa, ma = next(attacked)
             base, mask = torch.cat([base, xa]), torch.cat([mask, ma])
@@ -176,10 +171,12 @@ def train_detector_stage1(
 GRAPHICS_TRAIN = 100_000  # graphics clips indices 0.. are for training; held-out ones start here
 
 
-def benign_bases(recipe: Recipe, benign_ds: Any, n: int, start: int) -> Callable[[], Tensor]:
-    """``n`` benign clips ``(n, 3, T, H, W)`` per call, the batches of steps ``start ..``: a
-    ``[train.patches] footage_fraction`` of real footage, a ``graphics`` fraction of synthetic
-    graphics (:class:`~streamguard.data.graphics.GraphicsClips`), the rest from ``benign_ds``."""
+def benign_bases(recipe: Recipe, benign_ds: Any, n: int, start: int) -> Callable[[], tuple[Tensor, Tensor]]:
+    """``n`` benign clips per call, the batches of steps ``start ..``: ``(clips (n, 3, T, H, W),
+    natural (n,) bool)``. A ``[train.patches] footage_fraction`` of them are real footage, a
+    ``graphics`` fraction synthetic graphics (:class:`~streamguard.data.graphics.GraphicsClips`),
+    the rest from ``benign_ds``; ``natural`` is False for the graphics, which are only ever benign:
+    a flat colour square or a stripe pasted on a picture made of such shapes is no patch."""
     from ..data.footage import FootageClips
     from ..data.graphics import GraphicsClips
 
@@ -189,7 +186,22 @@ def benign_bases(recipe: Recipe, benign_ds: Any, n: int, start: int) -> Callable
     sources = [(benign_ds, n - n_foot - n_graphics, "benign"), (n_foot and FootageClips(p.footage, "train"), n_foot, "footage"),
                (n_graphics and GraphicsClips(GRAPHICS_TRAIN, d.size, d.clip_len, t.seed), n_graphics, "graphics")]  # fmt: skip
     loaders = [step_loader(ds, k, t.seed, start, t.steps, salt, d.workers) for ds, k, salt in sources if k]
-    return lambda: torch.cat([next(it)[0] for it in loaders])
+    natural = torch.tensor([salt != "graphics" for _, k, salt in sources for _ in range(k)])
+    return lambda: (torch.cat([next(it)[0] for it in loaders]), natural.clone())
+
+
+def paste_procedural(recipe: Recipe, bases: tuple[Tensor, Tensor], k: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """Shuffle ``bases`` (``benign_bases``' clips and flags) and paste a procedural patch on ``k`` of
+    the natural ones: ``(clips (n, 3, T, H, W), masks (n, 1, T, H, W))``, the patched clips first."""
+    p = recipe.train.patches
+    x, natural = bases
+    order = rng.permutation(len(x))
+    order = np.concatenate([order[natural[order].numpy()], order[~natural[order].numpy()]])
+    x = x[torch.from_numpy(order)]
+    mask = torch.zeros_like(x[:, :1])
+    for i in range(min(k, int(natural.sum())) if p.textures else 0):
+        x[i], mask[i], _ = procedural_patch(x[i], rng, p.textures, tuple(p.area_range), p.moving, p.upscale, p.codec)
+    return x, mask
 
 
 def benign_fpr(defense: nn.Module, clips: Tensor, batch: int = 8) -> float:
@@ -422,7 +434,7 @@ def _race(
     """
     from ..patchzero import load_defense
 
-    t, r, p = recipe.train, recipe.train.race, recipe.train.patches
+    t, r = recipe.train, recipe.train.race
     train_ds = InMemory(recipe_dataset(recipe, "train"))
     n_test = len(recipe_dataset(recipe, "test"))
     n_eval = eval_videos or t.eval_videos
@@ -479,11 +491,7 @@ def _race(
         for e, content, f in zip(entries, z.cpu(), fooled):
             e.content, e.iters, e.draws, e.fooled = content, e.iters + r.iters, e.draws + 1, bool(f)
         pool.refresh(int(r.refresh) + int(rng.random() < r.refresh % 1), rng)
-        xb = bases()
-        xb = xb[torch.from_numpy(rng.permutation(len(xb)))]
-        mb = torch.zeros_like(xb[:, :1])
-        for i in range(r.procedural if p.textures else 0):
-            xb[i], mb[i], _ = procedural_patch(xb[i], rng, p.textures, tuple(p.area_range), p.moving, p.upscale, p.codec)
+        xb, mb = paste_procedural(recipe, bases(), r.procedural, rng)
         clips, masks = [adv, xb.to(dev)], [m, mb.to(dev)]
         if do is not None:
             xd, md = next(do)
