@@ -195,14 +195,19 @@ def procedural_patch(
     moving: float = 0.25,
     upscale: float = 0.3,
     codec: float = 0.3,
+    weights: Sequence[float] | None = None,
 ) -> tuple[Tensor, Tensor, PatchDraw]:
     """Paste one procedural patch on a ``(3, T, H, W)`` clip: ``(clip', mask (1, T, H, W), draw)``.
 
     The family, shape, area (uniform in ``area_range``), motion (with probability ``moving``),
-    enlargement (``upscale``: x1.5-4) and codec (``codec``: JPEG 30-90 or H.264 CRF 18-35) are drawn from ``rng``.
+    enlargement (``upscale``: x1.5-4) and codec (``codec``: JPEG 30-90 or H.264 CRF 18-35) are drawn from ``rng``;
+    the family uniformly, or in proportion to ``weights`` (one per family).
     """
     _, t, h, w = clip.shape
-    family = families[int(rng.integers(len(families)))]
+    if weights is None:
+        family = families[int(rng.integers(len(families)))]
+    else:
+        family = families[int(rng.choice(len(families), p=np.asarray(weights, float) / sum(weights)))]
     kind = SHAPES[int(rng.integers(len(SHAPES)))]
     area = float(rng.uniform(*area_range))
     is_moving = bool(rng.random() < moving)

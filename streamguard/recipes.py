@@ -134,6 +134,7 @@ class PatchesTrainSection:
 
     textures: list[str] = field(default_factory=list)  # streamguard.patches.TEXTURES to train on; [] = DO only
     held_out: list[str] = field(default_factory=list)  # families kept out of training, reported apart
+    weights: dict[str, float] = field(default_factory=dict)  # how often a family is drawn, relative to 1 (the default)
     procedural: float = 0.5  # fraction of the attacked clips of a step that get a procedural patch
     footage: str | None = None  # built by `streamguard data footage`; benign backgrounds beside SynthMotion
     footage_fraction: float = 0.5  # fraction of benign and procedural clips drawn from the footage
@@ -228,6 +229,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         (item_tp,) = get_args(tp)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        key_tp, value_tp = get_args(tp)
+        return {_coerce(k, key_tp, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")

@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from streamguard.data.graphics import GraphicsClips
+from streamguard.errors import ConfigError
 from streamguard.recipes import parse_recipe
 from streamguard.training.stages import (
     GRAPHICS_TRAIN,
@@ -52,3 +54,20 @@ def test_procedural_patches_go_on_natural_clips_only() -> None:
         assert patched.tolist() == [True, True, False, False]
         for clip in x[2:]:  # untouched graphics clips, shuffled behind
             assert any(torch.equal(clip, b) for b, nat in zip(*bases) if not nat)
+
+
+def test_family_weights_draw_families_in_proportion() -> None:
+    synth = GraphicsClips(4, size=32, clip_len=8, seed=9)
+    rec = parse_recipe({"data": {"size": 32, "clip_len": 8}, "train": {"steps": 2, "patches": {
+        "textures": ["uniform", "colour"], "weights": {"colour": 9.0}, "codec": 0.0}}})  # fmt: skip
+    bases = benign_bases(rec, synth, 4, 0)()
+    rng = np.random.default_rng(0)
+    colour = 0
+    for _ in range(40):  # a colour field is one colour in the patch; uniform noise is not
+        x, mask = paste_procedural(rec, bases, 1, rng)
+        inside = x[0].permute(1, 2, 3, 0)[mask[0, 0] > 0.5]
+        colour += bool(inside.std(0).max() < 1e-6)
+    assert 30 <= colour <= 40  # 90% expected
+    bad = parse_recipe({"train": {"patches": {"textures": ["uniform"], "weights": {"fractal": 2.0}}}})
+    with pytest.raises(ConfigError, match="fractal"):
+        paste_procedural(bad, bases, 1, rng)
