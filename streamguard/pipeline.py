@@ -387,7 +387,7 @@ class Pipeline:
             clean_u8 = clean.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
             masks, small = (mask[:, 0] > 0.5).cpu().numpy(), None  # (N, T, H, W)
         items = [
-            Item(frame, received, clean_u8[n][t], masks[n][t], np.count_nonzero(masks[n][t]) / masks[n][t].size,
+            Item(frame, received, clean_u8[n][t], masks[n][t], float(np.count_nonzero(masks[n][t]) / masks[n][t].size),
                  None if small is None else small[n, t])
             for n, chunk in enumerate(chunks)
             for t, (frame, received) in enumerate(chunk)

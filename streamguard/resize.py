@@ -70,6 +70,7 @@ def refresh_region(frame: np.ndarray, small: np.ndarray, rows: slice, cols: slic
     j0, j1 = cols.start * w // big_w, -(-cols.stop * w // big_w)
     a, b = i0 * big_h // h, -(-i1 * big_h // h)
     c, d = j0 * big_w // w, -(-j1 * big_w // w)
-    r, q = area_matrix(big_h, h)[i0:i1, a:b].numpy(), area_matrix(big_w, w)[j0:j1, c:d].numpy()
-    region = np.einsum("ia,abk,jb->ijk", r, frame[a:b, c:d].astype(np.float32), q, optimize=True)
-    small[i0:i1, j0:j1] = np.clip(np.rint(region), 0, 255).astype(np.uint8)
+    r, q = area_matrix(big_h, h)[i0:i1, a:b], area_matrix(big_w, w)[j0:j1, c:d]
+    box = torch.from_numpy(np.ascontiguousarray(frame[a:b, c:d])).float().permute(2, 0, 1)  # (C, rows, cols)
+    region = (r @ box @ q.T).permute(1, 2, 0)  # torch's threads, not a second BLAS pool beside them
+    small[i0:i1, j0:j1] = region.round_().clamp_(0, 255).to(torch.uint8).numpy()

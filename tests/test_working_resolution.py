@@ -5,6 +5,9 @@ patch blurred by a bilinear enlargement is another texture, one of the patch fam
 detector has to be trained on (issue #15), not a property of the working resolution.
 """
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,11 +15,14 @@ import torch.nn.functional as F
 
 from streamguard.attacks import MaskedAttack, patch_mask
 from streamguard.data import render_video
+from streamguard.io import open_source
 from streamguard.metrics import PixelCounts
 from streamguard.models import load_model
 from streamguard.patchzero import PatchZero, build_defense
+from streamguard.pipeline import Pipeline
 from streamguard.recipes import DefenseSection
 from streamguard.resize import resize_uint8
+from streamguard.sinks import VideoSink
 
 SIZES = [(64, 64), (240, 320), (480, 640)]
 
@@ -123,3 +129,19 @@ def test_uint8_frame_path_matches_the_float_path(clips: tuple[torch.Tensor, ...]
     same = torch.from_numpy(mask_u) == (mask_f[:, 0] > 0.5)
     float_u8 = clean_f.mul(255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
     assert torch.equal(float_u8[same], torch.from_numpy(clean_u)[same])
+
+
+def test_the_pipeline_finds_the_patch_at_native_size_and_its_summary_is_json(tmp_path, clips) -> None:
+    """The live/file path end to end on a 240x320 video of an attacked clip: the shipped defense masks
+    the patch, the classifier reads the defense's shrunk frames, and the summary serializes."""
+    _, x_adv, _ = clips
+    big = _upscale(x_adv[:1], (240, 320), "nearest-exact")[0]  # (3, 16, 240, 320)
+    frames = big.permute(1, 2, 3, 0).mul(255).round().to(torch.uint8).numpy()
+    with VideoSink(tmp_path / "in.mp4", 320, 240, 25, crf=0) as sink:
+        for f in frames:
+            sink.write(f)
+    with open_source(tmp_path / "in.mp4") as src:
+        summary = Pipeline(src, build_defense(mean=(0.5, 0.5, 0.5)), load_model("synth-tiny3d"), clip_len=16, batch=1).run()
+    assert summary.frames == 16 and summary.frames_with_patches == 16 and summary.clips == 1
+    assert 0.05 < summary.mean_masked_area < 0.3
+    assert json.loads(json.dumps(dataclasses.asdict(summary)))["frames_with_patches"] == 16
