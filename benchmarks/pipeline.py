@@ -187,8 +187,8 @@ def live_markdown(result: dict) -> str:
         "",
         "| run | frames/s |",
         "| --- | ---: |",
-        f"| sanitize (defense{' + model' if s['model'] else ''}) | {f['sanitize']['fps']:.2f} |",
-        f"| decode + encode alone (defense=None) | {f['io_only']['fps']:.2f} |",
+        f"| sanitize (defense{' + model' if s['model'] else ''}), best of {len(f['all_sanitize_fps'])} | {f['sanitize']['fps']:.2f} |",
+        f"| decode + encode alone (defense=None), best of {len(f['all_io_fps'])} | {f['io_only']['fps']:.2f} |",
         f"| ratio sanitize / I/O (median of {len(f['paired_ratios'])} back-to-back pairs) | {f['ratio']:.3f} |",
         "",
     ]

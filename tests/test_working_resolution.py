@@ -8,6 +8,7 @@ detector has to be trained on (issue #15), not a property of the working resolut
 import dataclasses
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,7 @@ from streamguard.models import load_model
 from streamguard.patchzero import PatchZero, build_defense
 from streamguard.pipeline import Pipeline
 from streamguard.recipes import DefenseSection
-from streamguard.resize import resize_uint8
+from streamguard.resize import refresh_region, resize_uint8
 from streamguard.sinks import VideoSink
 
 SIZES = [(64, 64), (240, 320), (480, 640)]
@@ -145,3 +146,20 @@ def test_the_pipeline_finds_the_patch_at_native_size_and_its_summary_is_json(tmp
     assert summary.frames == 16 and summary.frames_with_patches == 16 and summary.clips == 1
     assert 0.05 < summary.mean_masked_area < 0.3
     assert json.loads(json.dumps(dataclasses.asdict(summary)))["frames_with_patches"] == 16
+
+
+@pytest.mark.parametrize("frame_size,size", [((240, 320), (64, 64)), ((720, 1280), (64, 64)), ((480, 640), (112, 149)), ((60, 80), (64, 64))])
+def test_resize_uint8_is_area_averaging_and_a_refreshed_box_is_a_fresh_resize(frame_size, size) -> None:
+    rng = np.random.default_rng(0)
+    frame = cv2.GaussianBlur(rng.integers(0, 256, (*frame_size, 3), dtype=np.uint8), (0, 0), 2)
+    small = resize_uint8(frame, size)
+    if size[0] <= frame_size[0]:  # rows first then columns: OpenCV's one 2-D pass up to rounding
+        assert np.abs(small.astype(int) - cv2.resize(frame, size[::-1], interpolation=cv2.INTER_AREA)).max() <= 1
+    for top, left, h, w in [(0, 0, 7, 9), (frame_size[0] // 3, frame_size[1] // 2, 21, 13), (frame_size[0] - 5, frame_size[1] - 11, 5, 11)]:
+        changed = frame.copy()
+        box = (slice(top, top + h), slice(left, left + w))
+        changed[box] = 128
+        refreshed = small.copy()
+        refresh_region(changed, refreshed, *box)
+        assert np.abs(refreshed.astype(int) - resize_uint8(changed, size)).max() <= 1
+        assert not np.array_equal(refreshed, small)
