@@ -144,6 +144,10 @@ class PatchesTrainSection:
     upscale: float = 0.3
     codec: float = 0.3
 
+    def __post_init__(self) -> None:
+        if unknown := sorted(set(self.weights) - set(self.textures)):
+            raise ConfigError(f"train.patches.weights: {', '.join(unknown)} not in train.patches.textures")
+
 
 @dataclass
 class RaceTrainSection:

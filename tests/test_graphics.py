@@ -68,6 +68,5 @@ def test_family_weights_draw_families_in_proportion() -> None:
         inside = x[0].permute(1, 2, 3, 0)[mask[0, 0] > 0.5]
         colour += bool(inside.std(0).max() < 1e-6)
     assert 30 <= colour <= 40  # 90% expected
-    bad = parse_recipe({"train": {"patches": {"textures": ["uniform"], "weights": {"fractal": 2.0}}}})
-    with pytest.raises(ConfigError, match="fractal"):
-        paste_procedural(bad, bases, 1, rng)
+    with pytest.raises(ConfigError, match="fractal"):  # a family it does not train on: refused when the recipe loads
+        parse_recipe({"train": {"patches": {"textures": ["uniform"], "weights": {"fractal": 2.0}}}})

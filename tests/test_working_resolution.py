@@ -22,7 +22,7 @@ from streamguard.models import load_model
 from streamguard.patchzero import PatchZero, build_defense
 from streamguard.pipeline import Pipeline
 from streamguard.recipes import DefenseSection
-from streamguard.resize import refresh_region, resize_uint8
+from streamguard.resize import refresh_region, resize_frames, resize_uint8
 from streamguard.sinks import VideoSink
 
 SIZES = [(64, 64), (240, 320), (480, 640)]
@@ -134,18 +134,28 @@ def test_uint8_frame_path_matches_the_float_path(clips: tuple[torch.Tensor, ...]
 
 def test_the_pipeline_finds_the_patch_at_native_size_and_its_summary_is_json(tmp_path, clips) -> None:
     """The live/file path end to end on a 240x320 video of an attacked clip: the shipped defense masks
-    the patch, the classifier reads the defense's shrunk frames, and the summary serializes."""
+    the patch, the classifier (reading the defense's shrunk frames) predicts what it predicts on the
+    float path's sanitized clip, and the summary serializes."""
     _, x_adv, _ = clips
     big = _upscale(x_adv[:1], (240, 320), "nearest-exact")[0]  # (3, 16, 240, 320)
     frames = big.permute(1, 2, 3, 0).mul(255).round().to(torch.uint8).numpy()
     with VideoSink(tmp_path / "in.mp4", 320, 240, 25, crf=0) as sink:
         for f in frames:
             sink.write(f)
+    model, defense = load_model("synth-tiny3d"), build_defense(mean=(0.5, 0.5, 0.5))
     with open_source(tmp_path / "in.mp4") as src:
-        summary = Pipeline(src, build_defense(mean=(0.5, 0.5, 0.5)), load_model("synth-tiny3d"), clip_len=16, batch=1).run()
+        summary = Pipeline(src, defense, model, clip_len=16, batch=1, predictions=tmp_path / "p.jsonl").run()
     assert summary.frames == 16 and summary.frames_with_patches == 16 and summary.clips == 1
     assert 0.05 < summary.mean_masked_area < 0.3
     assert json.loads(json.dumps(dataclasses.asdict(summary)))["frames_with_patches"] == 16
+    with open_source(tmp_path / "in.mp4") as src:  # the float path on the same decoded frames
+        decoded = torch.from_numpy(np.stack([f.image for f in src])).permute(3, 0, 1, 2)[None].float() / 255
+    clean, _ = defense.fork().sanitize(decoded)
+    small = resize_frames(clean[0].transpose(0, 1), (64, 64)).transpose(0, 1)[None]
+    with torch.no_grad():
+        expected = model(small).softmax(1)[0]
+    top = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])["topk"][0]
+    assert top["label"] == int(expected.argmax()) and abs(top["score"] - float(expected.max())) < 0.02
 
 
 @pytest.mark.parametrize("frame_size,size", [((240, 320), (64, 64)), ((720, 1280), (64, 64)), ((480, 640), (112, 149)), ((60, 80), (64, 64))])

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from ..metrics import pixel_scores
 from ..patches import procedural_patch
 from ..recipes import Recipe, recipe_to_dict
@@ -196,8 +195,6 @@ def paste_procedural(recipe: Recipe, bases: tuple[Tensor, Tensor], k: int, rng: 
     the natural ones: ``(clips (n, 3, T, H, W), masks (n, 1, T, H, W))``, the patched clips first."""
     p = recipe.train.patches
     x, natural = bases
-    if set(p.weights) - set(p.textures):
-        raise ConfigError(f"train.patches.weights: {', '.join(sorted(set(p.weights) - set(p.textures)))} not in train.patches.textures")
     weights = [p.weights.get(f, 1.0) for f in p.textures] if p.weights else None
     order = rng.permutation(len(x))
     order = np.concatenate([order[natural[order].numpy()], order[~natural[order].numpy()]])
