@@ -213,6 +213,26 @@ def _table_value(output: str, row: str) -> str:
     return match.group(1)
 
 
+def test_progress_in_a_log_file_is_plain_lines(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not a terminal (``nohup streamguard train ... > log``): a plain line at most every
+    ``PLAIN_EVERY`` seconds and one at the end, so a background run's log shows where it is."""
+    from streamguard.cli import common
+
+    monkeypatch.setenv("STREAMGUARD_NO_PROGRESS", "0")
+    monkeypatch.setattr(common, "PLAIN_EVERY", 1e9)
+    with common.progress_bar("evaluate", 4, "metrics") as update:
+        for done in (1, 2, 3):
+            update(completed=done, metrics=f"loss {done / 10:.1f}")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("evaluate  1/4  ") and lines[0].endswith("loss 0.1")
+    assert lines[1].startswith("evaluate  3/4  ") and "left" in lines[1] and lines[1].endswith("loss 0.3")
+    monkeypatch.setenv("STREAMGUARD_NO_PROGRESS", "1")
+    with common.progress_bar("evaluate", 4) as update:
+        assert update is None
+    assert capsys.readouterr().err == ""
+
+
 def test_watch_paces_a_file_prints_status_lines_and_snapshots(tmp_path: Path, ckpts: dict[str, Path],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """``watch`` on a 25 fps file reads it at 25 fps (not as fast as it decodes): about 50 frames in 2 s."""

@@ -297,6 +297,20 @@ def test_grid_resumes_after_interruption(full: Report, tmp_path: Path) -> None:
     assert len({_key(r) for r in resumed.samples}) == len(resumed.samples)
 
 
+def test_adding_a_variant_to_a_finished_run_computes_only_its_cells(tmp_path: Path) -> None:
+    r = _recipe(tmp_path)
+    r.evaluate.defenses, r.evaluate.bpda_variants = ["none", "patchzero"], ["t1"]
+    first = evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0, 1]))
+    log = (tmp_path / "samples.jsonl").read_text()
+    r.evaluate.bpda_variants = ["t1", "identity"]
+    second = evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0, 1]))
+    assert (tmp_path / "samples.jsonl").read_text().startswith(log)  # the finished cells are kept
+    added = [rec for rec in second.samples if rec not in first.samples]
+    assert {rec["attack"] for rec in added} == {"pgd-0.1-bpda-identity"} and len(added) == 2
+    fresh = evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0, 1]), resume=False)
+    assert fresh.samples == second.samples  # the same results as one run with both variants
+
+
 def test_resume_refuses_other_settings(full: Report, tmp_path: Path) -> None:
     _run(tmp_path, max_videos=1)
     recipe = _recipe(tmp_path)

@@ -70,17 +70,42 @@ app = App(
 # ---------------------------------------------------------------- shared helpers
 
 
-def progress_enabled() -> bool:
-    return os.environ.get("STREAMGUARD_NO_PROGRESS", "") not in {"1", "true", "yes"} and err.is_terminal
+def progress_off() -> bool:
+    """``STREAMGUARD_NO_PROGRESS=1`` (also ``true``, ``yes``) turns progress and status lines off."""
+    return os.environ.get("STREAMGUARD_NO_PROGRESS", "") in {"1", "true", "yes"}
+
+
+PLAIN_EVERY = 30.0  # seconds between plain progress lines when stderr is not a terminal (a log file)
+
+
+class Throttle:
+    """Called with a clock reading: true at most once every ``every`` seconds of that clock."""
+
+    def __init__(self, every: float) -> None:
+        self.every, self.last = every, float("-inf")
+
+    def __call__(self, now: float) -> bool:
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        return True
 
 
 @contextmanager
 def progress_bar(description: str, total: int | None, field: str | None = None,
                  remaining: bool = False) -> Iterator[Callable[..., None] | None]:  # fmt: skip
     """A rich progress bar on stderr: description, bar, done/total, an optional text ``field``, elapsed
-    (and remaining) time; yields its ``update(**kw)``, or ``None`` when progress is off."""
-    if not progress_enabled():
+    (and remaining) time; yields its ``update(**kw)`` (rich's ``completed``, ``total`` and the field).
+
+    When stderr is not a terminal (``nohup ... > log``) it prints the same as a plain line every
+    :data:`PLAIN_EVERY` seconds and once at the end; it yields ``None`` when progress is off.
+    """
+    if progress_off():
         yield None
+        return
+    if not err.is_terminal:
+        with _plain_progress(description, total, field) as update:
+            yield update
         return
     from rich.progress import (
         BarColumn,
@@ -97,6 +122,30 @@ def progress_bar(description: str, total: int | None, field: str | None = None,
     with Progress(*columns, console=err) as bar:
         task = bar.add_task(description, total=total, **({field: ""} if field else {}))
         yield lambda **kw: bar.update(task, **kw)
+
+
+@contextmanager
+def _plain_progress(description: str, total: int | None, field: str | None) -> Iterator[Callable[..., None]]:
+    import time
+
+    start, due = time.monotonic(), Throttle(PLAIN_EVERY)
+    state: dict[str, Any] = {"completed": 0, "total": total, field or "": ""}
+
+    def line() -> str:
+        done, of = state["completed"], state["total"]
+        elapsed = time.monotonic() - start
+        text = f"{description}  {done}" + (f"/{of}" if of else "") + f"  {elapsed:.0f} s"
+        if of and done:
+            text += f"  ~{elapsed * (of - done) / done:.0f} s left"
+        return text + (f"  {state[field]}" if field and state[field] else "")
+
+    def update(**kw: Any) -> None:
+        state.update(kw)
+        if due(time.monotonic()):
+            print(line(), file=sys.stderr, flush=True)
+
+    yield update
+    print(line(), file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -124,13 +173,13 @@ def status_line(description: str, every: float = 1.0) -> Iterator[Callable[[Stat
     On a terminal it is one rich line updated in place; otherwise (a log file, a pipe) a plain
     line on stderr every ``every`` seconds. Off with ``STREAMGUARD_NO_PROGRESS=1``.
     """
-    if os.environ.get("STREAMGUARD_NO_PROGRESS", "") in {"1", "true", "yes"}:
+    if progress_off():
         yield lambda status: None
         return
     from collections import deque
 
     samples: deque[tuple[float, int]] = deque()  # (elapsed, written) of the last FPS_WINDOW seconds
-    printed = [float("-inf")]
+    due = Throttle(every)
 
     def text(s: Status) -> str:
         samples.append((s.elapsed, s.written))
@@ -143,8 +192,7 @@ def status_line(description: str, every: float = 1.0) -> Iterator[Callable[[Stat
     if not err.is_terminal:
 
         def plain(s: Status) -> None:
-            if s.elapsed - printed[0] >= every:
-                printed[0] = s.elapsed
+            if due(s.elapsed):
                 print(f"{description}  {text(s)}", file=sys.stderr, flush=True)
 
         yield plain
@@ -152,11 +200,30 @@ def status_line(description: str, every: float = 1.0) -> Iterator[Callable[[Stat
     with err.status(description) as line:
 
         def update(s: Status) -> None:
-            if s.elapsed - printed[0] >= every:
-                printed[0] = s.elapsed
+            if due(s.elapsed):
                 line.update(f"{escape(description)}  {text(s)}")
 
         yield update
+
+
+@contextmanager
+def fleet_status_line(names: list[str], every: float = 1.0) -> Iterator[Callable[[list[Status | None]], None]]:
+    """For ``watch`` on several streams: one stderr line a second with each stream's fps, p95
+    latency and drops (``None``: that stream ended). Off with ``STREAMGUARD_NO_PROGRESS=1``."""
+    if progress_off():
+        yield lambda statuses: None
+        return
+    import time
+
+    due = Throttle(every)
+
+    def show(statuses: list[Status | None]) -> None:
+        if due(time.monotonic()):
+            parts = [f"{n} ended" if s is None else f"{n} {s.fps:.1f} fps p95 {s.latency_p95:.2f} s dropped {s.dropped}"
+                     for n, s in zip(names, statuses)]  # fmt: skip
+            print("watch  " + " | ".join(parts), file=sys.stderr, flush=True)
+
+    yield show
 
 
 def summary_table(title: str, rows: dict[str, Any]) -> Table:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +20,7 @@ from .common import (
     defense_option,
     device_option,
     err,
+    fleet_status_line,
     model_option,
     out,
     pipeline_options,
@@ -276,7 +275,7 @@ def _watch_many(uris: list[str], defense: Any, net: Any, opened: dict[str, Any],
         if not pipelines:
             raise InputError(f"none of the {len(uris)} sources could be opened: " + "; ".join(failed.values()))
         fleet = Fleet([n for n, _ in pipelines], [p for _, p in pipelines])
-        with _fleet_status(fleet.names) as on_progress:
+        with fleet_status_line(fleet.names) as on_progress:
             try:
                 results = fleet.run(on_progress)
             except KeyboardInterrupt:
@@ -300,29 +299,5 @@ def _watch_many(uris: list[str], defense: Any, net: Any, opened: dict[str, Any],
     bad = [r.name for r in results if r.error] + list(failed)
     if bad:
         raise StreamError(f"{len(bad)} of {len(uris)} streams failed: {', '.join(bad)}")
-
-
-@contextmanager
-def _fleet_status(names: list[str], every: float = 1.0) -> Iterator[Callable[[list[Any]], None]]:
-    """One stderr line a second: each stream's fps, p95 latency and drops (``None``: it ended)."""
-    import os
-    import sys
-    import time
-
-    if os.environ.get("STREAMGUARD_NO_PROGRESS", "") in {"1", "true", "yes"}:
-        yield lambda statuses: None
-        return
-    last = [float("-inf")]
-
-    def show(statuses: list[Any]) -> None:
-        now = time.monotonic()
-        if now - last[0] < every:
-            return
-        last[0] = now
-        parts = [f"{n} ended" if s is None else f"{n} {s.fps:.1f} fps p95 {s.latency_p95:.2f} s dropped {s.dropped}"
-                 for n, s in zip(names, statuses)]  # fmt: skip
-        print("watch  " + " | ".join(parts), file=sys.stderr, flush=True)
-
-    yield show
 
 

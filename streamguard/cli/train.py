@@ -54,8 +54,11 @@ def _main_rank() -> bool:
 @contextmanager
 def _train_progress(description: str) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
     """A progress bar fed by the training loops' ``on_progress(step, total, metrics)``."""
+    if not _main_rank():
+        yield lambda step, total, metrics: None
+        return
     with progress_bar(description, None, "metrics", remaining=True) as update:
-        if update is None or not _main_rank():
+        if update is None:
             yield lambda step, total, metrics: None
             return
 

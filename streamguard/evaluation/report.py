@@ -31,10 +31,12 @@ def _weights_digest(modules: Sequence[nn.Module]) -> str:
 
 
 def results_fingerprint(recipe: Recipe, modules: Sequence[nn.Module]) -> str:
-    """What decides the per-sample results: the weights and the recipe but its output folder and video count."""
+    """What decides the per-sample results: the weights and the recipe but its output folder, video
+    count and list of adaptive variants (a record's attack key names its variant, and a variant's
+    attack does not depend on the others, so adding one to a finished run only adds its cells)."""
     d = recipe_to_dict(recipe)
     keep = {k: d[k] for k in ("model", "defense", "data", "attack")}
-    keep["evaluate"] = {k: v for k, v in d["evaluate"].items() if k not in ("output", "max_videos")}
+    keep["evaluate"] = {k: v for k, v in d["evaluate"].items() if k not in ("output", "max_videos", "bpda_variants")}
     keep["weights"] = _weights_digest(modules)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
