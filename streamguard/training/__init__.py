@@ -7,6 +7,7 @@
 * :mod:`.attack_cache`: :func:`build_attack_cache`, stage 1's downstream-only attacks on disk.
 * :mod:`.stages`: :func:`train_detector_stage1` (cached DO attacks mixed 1:1 with benign clips) and
   :func:`train_detector_stage2` (online BPDA attacks against the detector being trained).
+* :mod:`.race`: stage 2's attacks in plain PyTorch and its pool of warm-started patches.
 """
 
 from .attack_cache import AttackCache, build_attack_cache
@@ -20,15 +21,10 @@ from .downstream import (
     train_classifier,
     train_frame_detector,
 )
-from .stages import (
-    robust_accuracy,
-    robust_ap50,
-    train_detector_stage1,
-    train_detector_stage2,
-)
+from .stages import train_detector_stage1, train_detector_stage2
 
 __all__ = [
     "AttackCache", "build_attack_cache", "augment_clips", "mirror_clips", "InMemory", "TrainResult", "step_indices",
     "FrameTargets", "frame_ap", "frame_detector_kwargs", "synth_train_recipe", "train_classifier",
-    "train_frame_detector", "robust_accuracy", "robust_ap50", "train_detector_stage1", "train_detector_stage2",
+    "train_frame_detector", "train_detector_stage1", "train_detector_stage2",
 ]  # fmt: skip

@@ -11,12 +11,18 @@
   for a few iterations whenever it is drawn again, against the current detector, so a patch drawn
   ``k`` times has ``k x iters`` iterations behind it; part of the pool is refreshed with new places
   every step to keep it diverse.
+* :func:`task_for`: what the attacker raises and how a clip counts as fooled, for either downstream
+  kind: a clip classifier's cross-entropy (:class:`ClassifierTask`) or a per-frame detector's
+  training loss for the true boxes (:class:`FrameDetectorTask`), as the paper trains one PatchZero
+  per task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,17 +46,114 @@ class AttackState:
     improved: Tensor | None = None  # (N,) iterations since the last checkpoint that raised the loss
 
 
-def _objective(model: nn.Module, defense: nn.Module | None, x: Tensor, y: Tensor, mask: Tensor, z: Tensor) -> Tensor:
+FOUND_SCORE = 0.5  # a frame detector's box counts from this score, as the pipeline's min_score
+FOUND_IOU = 0.5
+
+
+class ClassifierTask:
+    """A clip classifier's side of the race: targets are labels ``(N,)``; the attack raises the
+    cross-entropy; a clip is fooled when its top-1 is wrong; the score is top-1 accuracy."""
+
+    metric = "acc"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """(N,) cross-entropy of clips ``x`` (N, 3, T, H, W) as the model sees them."""
+        return F.cross_entropy(self.model(x), y, reduction="none")
+
+    @torch.no_grad()
+    def fooled(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.model(x).argmax(1) != y
+
+    def score(self, x: Tensor, y: Tensor) -> float:
+        return 1.0 - self.fooled(x, y).float().mean().item()
+
+    @staticmethod
+    def targets(items: list[tuple[Tensor, Any]], device: torch.device) -> Tensor:
+        return torch.tensor([int(label) for _, label in items], device=device)
+
+
+class FrameDetectorTask:
+    """A per-frame detector's side (torchvision Faster R-CNN): targets are, per clip, T dicts
+    ``{"boxes": (K, 4) xyxy, "labels": (K,)}``; the attack raises the detector's training loss for
+    the true boxes (RPN and box heads, each clip's T frames one batch, as ART's detector attack
+    does); a clip is fooled when under half of its true boxes are found (IoU 0.5, score 0.5); the
+    score is box AP50 over every frame."""
+
+    metric = "ap50"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def loss(self, x: Tensor, targets: list[list[dict[str, Tensor]]]) -> Tensor:
+        with _loss_mode(self.model):
+            return torch.stack([sum(self.model(list(c.transpose(0, 1)), list(t)).values()) for c, t in zip(x, targets)])
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> list[list[dict[str, Tensor]]]:
+        return [self.model(list(c.transpose(0, 1))) for c in x]
+
+    def fooled(self, x: Tensor, targets: list[list[dict[str, Tensor]]]) -> Tensor:
+        from torchvision.ops import box_iou
+
+        fooled = []
+        for preds, truth in zip(self.predict(x), targets):
+            found = total = 0
+            for p, t in zip(preds, truth):
+                boxes = p["boxes"][p["scores"] >= FOUND_SCORE]
+                total += len(t["boxes"])
+                if len(t["boxes"]) and len(boxes):
+                    found += int((box_iou(t["boxes"].to(boxes), boxes).max(1).values >= FOUND_IOU).sum())
+            fooled.append(found < 0.5 * total)
+        return torch.tensor(fooled, device=x.device)
+
+    def score(self, x: Tensor, targets: list[list[dict[str, Tensor]]]) -> float:
+        from ..metrics import detection_ap
+
+        preds = [{k: v.cpu() for k, v in p.items()} for clip in self.predict(x) for p in clip]
+        return detection_ap(preds, [t for clip in targets for t in clip])["ap50"]
+
+    @staticmethod
+    def targets(items: list[tuple[Tensor, Any]], device: torch.device) -> list[list[dict[str, Tensor]]]:
+        return [[{k: v.to(device) for k, v in t.items()} for t in frames] for _, frames in items]
+
+
+Task = ClassifierTask | FrameDetectorTask
+
+
+def task_for(model: nn.Module) -> Task:
+    """The race's task for ``model``: by its ``spec.task`` ("frame": a per-frame detector)."""
+    spec = getattr(model, "spec", None)
+    return FrameDetectorTask(model) if getattr(spec, "task", "clip") == "frame" else ClassifierTask(model)
+
+
+@contextmanager
+def _loss_mode(model: nn.Module) -> Iterator[None]:
+    """torchvision detectors give their losses only in training mode; keep batch-norm statistics
+    and dropout as in evaluation, so the frozen model does not change while it is attacked."""
+    was = model.training
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
+            m.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _objective(task: Task, defense: nn.Module | None, x: Tensor, y: Any, mask: Tensor, z: Tensor) -> Tensor:
     adv = x * (1 - mask) + mask * z
-    logits = model(defense(adv) if defense is not None else adv)
-    return F.cross_entropy(logits, y, reduction="none")
+    return task.loss(defense(adv) if defense is not None else adv, y)
 
 
 def patch_attack(
     model: nn.Module,
     defense: nn.Module | None,
     x: Tensor,
-    y: Tensor,
+    y: Any,
     mask: Tensor,
     z: Tensor,
     iters: int,
@@ -58,8 +161,9 @@ def patch_attack(
     method: str = "pgd",
     state: AttackState | None = None,
 ) -> tuple[Tensor, Tensor, AttackState | None]:
-    """Continue an untargeted masked attack on clips ``x`` (N, 3, T, H, W), labels ``y`` (N,), masks
-    (N, 1, T, H, W), from content ``z`` for ``iters`` iterations: ``(z, loss (N,), state)``.
+    """Continue an untargeted masked attack on clips ``x`` (N, 3, T, H, W) with targets ``y`` (labels
+    (N,), or a frame detector's boxes: :func:`task_for`), masks (N, 1, T, H, W), from content ``z``
+    for ``iters`` iterations: ``(z, loss (N,), state)``.
 
     ``pgd``: ``z <- clip(z + step * sign(grad), 0, 1)``, the paper's masked PGD. ``apgd``: AutoPGD's
     update with momentum and a per-clip step (starting at ``2 * step``) halved at checkpoints every
@@ -71,57 +175,58 @@ def patch_attack(
     frozen = [p for m in (model, defense) if m is not None for p in m.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
+    task = task_for(model)
     try:
         if method == "pgd":
-            return (*_pgd(model, defense, x, y, mask, z, iters, step), None)
+            return (*_pgd(task, defense, x, y, mask, z, iters, step), None)
         if method == "apgd":
-            return _apgd(model, defense, x, y, mask, z, iters, step, state)
+            return _apgd(task, defense, x, y, mask, z, iters, step, state)
         raise ValueError(f"unknown attack method {method!r} (pgd, apgd)")
     finally:
         for p in frozen:
             p.requires_grad_(True)
 
 
-def _grad(model: nn.Module, defense: nn.Module | None, x: Tensor, y: Tensor, mask: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+def _grad(task: Task, defense: nn.Module | None, x: Tensor, y: Any, mask: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     z = z.detach().requires_grad_(True)
-    loss = _objective(model, defense, x, y, mask, z)
+    loss = _objective(task, defense, x, y, mask, z)
     (grad,) = torch.autograd.grad(loss.sum(), z)
     return loss.detach(), grad * mask
 
 
-def _pgd(model: nn.Module, defense: nn.Module | None, x: Tensor, y: Tensor, mask: Tensor, z: Tensor, iters: int, step: float) -> tuple[Tensor, Tensor]:
+def _pgd(task: Task, defense: nn.Module | None, x: Tensor, y: Any, mask: Tensor, z: Tensor, iters: int, step: float) -> tuple[Tensor, Tensor]:
     z = z.detach()
     for _ in range(iters):
-        _, grad = _grad(model, defense, x, y, mask, z)
+        _, grad = _grad(task, defense, x, y, mask, z)
         z = (z + step * grad.sign()).clamp(0, 1)
     with torch.no_grad():
-        loss = _objective(model, defense, x, y, mask, z)
+        loss = _objective(task, defense, x, y, mask, z)
     return z, loss
 
 
 def _apgd(
-    model: nn.Module, defense: nn.Module | None, x: Tensor, y: Tensor, mask: Tensor, z: Tensor, iters: int, step: float,
+    task: Task, defense: nn.Module | None, x: Tensor, y: Any, mask: Tensor, z: Tensor, iters: int, step: float,
     state: AttackState | None,
 ) -> tuple[Tensor, Tensor, AttackState]:
     z = z.detach()
     n = len(x)
     if state is None:
         with torch.no_grad():
-            loss = _objective(model, defense, x, y, mask, z)
+            loss = _objective(task, defense, x, y, mask, z)
         state = AttackState(torch.full((n,), 2 * step), loss, z.clone(), z.clone(), z)
         state.checkpoint_loss, state.improved = loss.clone(), torch.zeros(n)
     z = state.current
     every = CHECKPOINT
     shape = (n,) + (1,) * (z.dim() - 1)
     for _ in range(iters):
-        loss, grad = _grad(model, defense, x, y, mask, z)
+        loss, grad = _grad(task, defense, x, y, mask, z)
         eta = state.step.view(shape)
         candidate = (z + eta * grad.sign()).clamp(0, 1)
         moved = (z + 0.75 * (candidate - z) + 0.25 * (z - state.previous)).clamp(0, 1)
         state.previous = z
         z = moved
         with torch.no_grad():
-            new_loss = _objective(model, defense, x, y, mask, z)
+            new_loss = _objective(task, defense, x, y, mask, z)
         better = new_loss > state.best_loss
         state.improved = state.improved + better.float()
         state.best_z = torch.where(better.view(shape), z, state.best_z)

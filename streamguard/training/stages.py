@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..metrics import pixel_scores
@@ -24,10 +23,8 @@ from ..patches import procedural_patch
 from ..recipes import Recipe, recipe_to_dict
 from .attack_cache import (
     AttackCache,
-    attack_methods,
     draw_masks,
     load_downstream,
-    masked_attack,
 )
 from .augment import clip_frames
 from .core import (
@@ -40,14 +37,13 @@ from .core import (
     pick_device,
     recipe_dataset,
     run_config,
-    seed_for,
     start_run,
     step_loader,
     train_loop,
     write_sidecar,
 )
 from .distributed import Dist, data_parallel, init_distributed
-from .race import PatchPool, PoolEntry, patch_attack
+from .race import PatchPool, PoolEntry, patch_attack, task_for
 
 
 def _detector(recipe: Recipe, detector_kwargs: dict[str, Any] | None) -> nn.Module:
@@ -187,7 +183,7 @@ def benign_bases(recipe: Recipe, benign_ds: Any, n: int, start: int) -> Callable
                (n_graphics and GraphicsClips(GRAPHICS_TRAIN, d.size, d.clip_len, t.seed), n_graphics, "graphics")]  # fmt: skip
     loaders = [step_loader(ds, k, t.seed, start, t.steps, salt, d.workers) for ds, k, salt in sources if k]
     natural = torch.tensor([salt != "graphics" for _, k, salt in sources for _ in range(k)])
-    return lambda: (torch.cat([next(it)[0] for it in loaders]), natural.clone())
+    return lambda: (torch.cat([next(it)[0][:, :, : d.clip_len] for it in loaders]), natural.clone())  # footage may be longer
 
 
 def paste_procedural(recipe: Recipe, bases: tuple[Tensor, Tensor], k: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
@@ -222,53 +218,12 @@ def held_out_benign(recipe: Recipe, n: int) -> Tensor:
     d, p = recipe.data, recipe.train.patches
     footage = FootageClips(p.footage, "test") if p.footage else None
     n_foot = min(n // 2, len(footage)) if footage is not None else 0
-    foot = [footage[int(i)][0] for i in np.linspace(0, len(footage) - 1, n_foot).round()] if n_foot else []
+    foot = [footage[int(i)][0][:, : d.clip_len] for i in np.linspace(0, len(footage) - 1, n_foot).round()] if n_foot else []
     graphics = GraphicsClips(GRAPHICS_TRAIN + n, d.size, d.clip_len, recipe.train.seed)
     return torch.stack(foot + [graphics[GRAPHICS_TRAIN + i][0] for i in range(n - n_foot)])
 
 
 # ---------------------------------------------------------------- detector, stage 2: online BPDA
-
-
-def robust_accuracy(
-    recipe: Recipe, model: nn.Module, defense: nn.Module, ds: Any, seed: int, device: torch.device
-) -> dict[str, float]:
-    """Top-1 of ``model`` behind ``defense`` on clean clips and under a masked BPDA PGD attack.
-
-    Masks and attack seeds depend only on ``seed`` and the clip index, so successive evaluations
-    see the same attack problem and differ only by the detector's weights.
-    """
-    clips = [ds[i] for i in range(len(ds))]
-    x = torch.stack([c for c, _ in clips])
-    y = torch.tensor([int(label) for _, label in clips])
-    mask, _ = draw_masks(recipe, tuple(x.shape[2:]), [keyed_rng(seed, "eval", i) for i in range(len(ds))])
-    defense.eval()
-    adv = masked_attack(recipe, model, "pgd", "bpda", defense, seed_for(seed, "eval", len(ds)), x, y, mask, device)
-    with torch.no_grad():
-        clean = (model(defense(x.to(device))).argmax(1).cpu() == y).float().mean().item()
-        robust = (model(defense(adv.to(device))).argmax(1).cpu() == y).float().mean().item()
-    return {"clean_acc": clean, "robust_acc": robust}
-
-
-def robust_ap50(
-    recipe: Recipe, model: nn.Module, defense: nn.Module, ds: Any, seed: int, device: torch.device
-) -> dict[str, float]:
-    """:func:`robust_accuracy` for a frame detector: box AP50 over every frame of ``ds``'s clips
-    (``BoxClips``) behind ``defense``, clean and under masked BPDA PGD."""
-    from ..metrics import detection_ap
-
-    x, clip_targets = ds.collate([ds[i] for i in range(len(ds))])
-    targets = [t for frames in clip_targets for t in frames]
-    mask, _ = draw_masks(recipe, tuple(x.shape[2:]), [keyed_rng(seed, "eval", i) for i in range(len(ds))])
-    defense.eval()
-    adv = masked_attack(recipe, model, "pgd", "bpda", defense, seed_for(seed, "eval", len(ds)), x, clip_targets, mask, device)
-
-    @torch.no_grad()
-    def ap50(clips: Tensor) -> float:
-        preds = [p for clip in clips for p in model(list(defense(clip[None].to(device))[0].transpose(0, 1)))]
-        return detection_ap([{k: v.cpu() for k, v in p.items()} for p in preds], targets)["ap50"]
-
-    return {"clean_ap50": ap50(x), "robust_ap50": ap50(adv)}
 
 
 def _task_clips(recipe: Recipe, model: nn.Module, split: str, subset: int | None = None) -> Any:
@@ -299,112 +254,39 @@ def train_detector_stage2(
     command: str = "",
     device: str | None = None,
 ) -> TrainResult:
-    """Stage 2: fine-tune the stage-1 detector on adaptive BPDA attacks made against itself.
-
-    For a clip classifier this is the warm-started race of :func:`_race` (issue #16). For a per-frame
-    detector each step attacks half of its clips afresh with ART's masked PGD on the detector's loss
-    for the true boxes (:func:`_online_frames`), robust score box AP50 (:func:`robust_ap50`), as the
-    paper trains one PatchZero per task. Writes ``<train.output>/detector-stage2.pt``.
+    """Stage 2: fine-tune the stage-1 detector on adaptive BPDA attacks made against itself, in the
+    warm-started race of :func:`_race` (issue #16), against the recipe's downstream model: a clip
+    classifier (robust top-1) or a per-frame detector (robust box AP50), as the paper trains one
+    PatchZero per task. Writes ``<train.output>/detector-stage2.pt``.
     """
     ddp, dev = init_distributed(pick_device(device))
     model = load_downstream(recipe, dev)
-    trainer = _online_frames if model.spec.task == "frame" else _race
-    return trainer(recipe, init, model, dev, ddp, on_progress=on_progress if ddp.main else None, resume=resume,
-                   eval_videos=eval_videos, command=command)  # fmt: skip
+    return _race(recipe, init, model, dev, ddp, on_progress=on_progress if ddp.main else None, resume=resume,
+                 eval_videos=eval_videos, command=command)  # fmt: skip
 
 
-def _online_frames(
-    recipe: Recipe,
-    init: str | os.PathLike[str],
-    model: nn.Module,
-    dev: torch.device,
-    ddp: Dist,
-    *,
-    on_progress: ProgressFn | None,
-    resume: bool,
-    eval_videos: int | None,
-    command: str,
-) -> TrainResult:
-    """Each step draws ``train.batch`` training clips; half get a fresh patch (area uniform in
-    ``train.area_range``) attacked by masked PGD in BPDA mode through ``PatchZero(current detector)``
-    and the frozen downstream model; the detector then takes one Adam step on all of them. Every
-    ``train.eval_every`` steps the robust score under BPDA PGD is measured on ``eval_videos`` (default
-    ``train.eval_videos``) test clips; training stops after ``train.patience`` evaluations without a
-    new best, or at ``train.steps``."""
-    from ..patchzero import load_defense
-
-    t = recipe.train
-    train_ds = _task_clips(recipe, model, "train")
-    n_test = len(recipe_dataset(recipe, "test"))
-    eval_videos = eval_videos or recipe.train.eval_videos
-    eval_ds = _task_clips(recipe, model, "test", subset=min(eval_videos, recipe.data.subset or eval_videos, n_test))
-    robust, score = (robust_ap50, "robust_ap50") if model.spec.task == "frame" else (robust_accuracy, "robust_acc")
-    start = load_defense(str(init))
-    detector = start.detector.to(dev)
-    for p in detector.parameters():
-        p.requires_grad_(True)
-    mean = model.spec.mean
-    bpda = _patchzero(recipe, detector, mean, bpda=True).to(dev)
-    optimizer = torch.optim.Adam(detector.parameters(), lr=t.lr)
-    config = run_config(recipe, stage=2, backbone=recipe.defense.backbone, init=str(init))
-    run = Run(Path(t.output) / "detector-stage2-state.pt", detector, optimizer, config, main=ddp.main)
-    start_run(run, resume)
-    net = data_parallel(detector, ddp, dev)
-    batches = step_loader(train_ds, t.batch, t.seed, run.step, t.steps, "stage2", recipe.data.workers)
-    methods, n_adv = attack_methods(recipe), max(ddp.world, t.batch // 2)
-    share = ddp.rows(n_adv)  # this rank attacks these clips
-
-    def step_fn(step: int) -> dict[str, float]:
-        x, y = next(batches)
-        rngs = [keyed_rng(t.seed, "stage2", step, i) for i in range(n_adv)]
-        mask, _ = draw_masks(recipe, tuple(x.shape[2:]), rngs)
-        detector.eval()
-        method = methods[step % len(methods)]
-        seed = seed_for(t.seed, "stage2", step)
-        adv = masked_attack(recipe, model, method, "bpda", bpda, seed, x[share], y[share], mask[share], dev)
-        clips = torch.cat([ddp.gather(adv.to(dev), n_adv), x[n_adv:].to(dev)])
-        masks = torch.cat([torch.from_numpy(mask), torch.zeros_like(x[n_adv:, :1])]).to(dev)
-        return _detector_step(detector, optimizer, clips, masks, t.aux_weight, net=net, ddp=ddp)
-
-    def eval_fn(step: int) -> dict[str, float]:
-        scores = robust(recipe, model, bpda, eval_ds, t.seed, dev)
-        best = run.extra.get("best", -1.0)
-        run.extra["stale"] = 0 if scores[score] > best else run.extra.get("stale", 0) + 1
-        run.extra["best"] = max(best, scores[score])
-        return scores
-
-    metrics = train_loop(
-        run, t.steps, t.seed, dev, step_fn, eval_fn, t.eval_every, t.checkpoint_every, on_progress, _converged(t.patience)
-    )
-    stopped = run.step < t.steps
-    path = Path(t.output) / "detector-stage2.pt"
-    meta = {
-        "command": command, "seed": t.seed, "stage": 2, "steps": run.step, "init": str(init), "metrics": metrics,
-        "stopped_early": stopped, "recipe": recipe_to_dict(recipe),
-    }  # fmt: skip
-    sha = _save_detector(recipe, detector, mean, path, meta) if ddp.main else ""
-    return TrainResult(path, sha, run.step, metrics, run.extra.get("history", []), stopped)
-
-
-# ---------------------------------------------------------------- stage 2 for clip classifiers: the race
 
 
 def race_score(
-    model: nn.Module, defense: nn.Module, x: Tensor, y: Tensor, mask: Tensor, z0: Tensor, iters: int, step: float
+    model: nn.Module, defense: nn.Module, x: Tensor, y: Any, mask: Tensor, z0: Tensor, iters: int, step: float
 ) -> dict[str, float]:
-    """The held-out race: a fresh masked BPDA PGD (from content ``z0``) through ``defense``; clean and
-    robust top-1 and the patch pixels' recall and precision under the attack."""
+    """The held-out race: a fresh masked BPDA PGD (from content ``z0``) through ``defense``; the
+    task's clean and robust score (``clean_acc``/``robust_acc``: top-1 of a clip classifier;
+    ``clean_ap50``/``robust_ap50``: box AP50 of a frame detector) and the patch pixels' recall and
+    precision under the attack."""
     from ..metrics import PixelCounts
 
+    task = task_for(model)
     defense.eval()
     z, _, _ = patch_attack(model, defense, x, y, mask, z0, iters, step)
     adv = x * (1 - mask) + mask * z
     with torch.no_grad():
-        clean = (model(defense(x)).argmax(1) == y).float().mean().item()
+        clean = task.score(defense(x), y)
         clean_adv, found = defense.sanitize(adv)
-        robust = (model(clean_adv).argmax(1) == y).float().mean().item()
+        robust = task.score(clean_adv, y)
     counts = PixelCounts.from_masks(found > 0.5, mask > 0.5)
-    return {"clean_acc": clean, "robust_acc": robust, "race_recall": counts.recall, "race_precision": counts.precision}
+    return {f"clean_{task.metric}": clean, f"robust_{task.metric}": robust, "race_recall": counts.recall,
+            "race_precision": counts.precision}  # fmt: skip
 
 
 def _race(
@@ -419,7 +301,8 @@ def _race(
     eval_videos: int | None,
     command: str,
 ) -> TrainResult:
-    """The attacker-defender race against a clip classifier, warm-started (ATTA) so that it is cheap.
+    """The attacker-defender race against the downstream model (a clip classifier or a per-frame
+    detector: :func:`~.race.task_for`), warm-started (ATTA) so that it is cheap.
 
     A :class:`~.race.PatchPool` of ``[train.race] pool`` patches on training clips persists across
     steps. Each step draws ``draw`` of them and continues each one's BPDA attack (plain PyTorch,
@@ -429,17 +312,19 @@ def _race(
     ``task_weight`` x the downstream loss on the sanitized attacked clips through the soft mask, so the
     detector learns to cover the pixels that matter). Every ``train.eval_every`` steps a fresh
     ``eval_iters``-iteration attack on ``eval_videos`` held-out clips (default ``train.eval_videos``)
-    scores the detector; the best robust top-1 (clean top-1 within 2 points of the start's) is kept
+    scores the detector; the best robust score (top-1 or box AP50; the clean one within 2 points of
+    the start's, benign FPR at most ``max_benign_fpr``) is kept
     as ``detector-stage2.pt``, not the last. Training stops after ``train.patience`` evaluations
     without a new best, or at ``train.steps``. Resumes exactly, pool included.
     """
     from ..patchzero import load_defense
 
     t, r = recipe.train, recipe.train.race
-    train_ds = InMemory(recipe_dataset(recipe, "train"))
+    task = task_for(model)
+    train_ds = InMemory(_task_clips(recipe, model, "train"))
     n_test = len(recipe_dataset(recipe, "test"))
     n_eval = eval_videos or t.eval_videos
-    eval_ds = recipe_dataset(recipe, "test", subset=min(n_eval, recipe.data.subset or n_eval, n_test))
+    eval_ds = _task_clips(recipe, model, "test", subset=min(n_eval, recipe.data.subset or n_eval, n_test))
     detector = load_defense(str(init)).detector.to(dev)
     for param in detector.parameters():
         param.requires_grad_(True)
@@ -468,8 +353,8 @@ def _race(
     if r.do:
         cached = len(recipe_dataset(recipe, "train")) if t.cache_videos is None else len(recipe_dataset(recipe, "train", subset=t.cache_videos))
         do = step_loader(AttackCache(t.cache, cached * t.attacked_per_video), r.do, t.seed, run.step, t.steps, "attacked", workers)
-    ex = torch.stack([eval_ds[i][0] for i in range(len(eval_ds))]).to(dev)
-    ey = torch.tensor([int(eval_ds[i][1]) for i in range(len(eval_ds))], device=dev)
+    held_out = [eval_ds[i] for i in range(len(eval_ds))]
+    ex, ey = torch.stack([c for c, _ in held_out]).to(dev), task.targets(held_out, dev)
     emask = torch.from_numpy(draw_masks(recipe, shape, [keyed_rng(t.seed, "race", i) for i in range(len(ex))])[0]).to(dev)
     ez0 = torch.from_numpy(keyed_rng(t.seed, "race", len(ex)).random(ex.shape, dtype=np.float32)).to(dev)
     best_path = Path(t.output) / "detector-stage2-best.pt"
@@ -480,7 +365,7 @@ def _race(
         entries = [pool.entries[i] for i in idx]
         items = [train_ds[e.video] for e in entries]
         x = torch.stack([c for c, _ in items]).to(dev)
-        y = torch.tensor([int(label) for _, label in items], device=dev)
+        y = task.targets(items, dev)
         m = torch.stack([e.mask for e in entries]).to(dev)
         detector.eval()
         z0 = torch.stack([e.content for e in entries]).to(dev)
@@ -488,25 +373,26 @@ def _race(
         z = ddp.gather(z.detach(), len(x))
         adv = x * (1 - m) + m * z
         with torch.no_grad():
-            fooled = (model(bpda(adv)).argmax(1) != y).tolist()
+            fooled = task.fooled(bpda(adv), y).tolist()
         for e, content, f in zip(entries, z.cpu(), fooled):
             e.content, e.iters, e.draws, e.fooled = content, e.iters + r.iters, e.draws + 1, bool(f)
         pool.refresh(int(r.refresh) + int(rng.random() < r.refresh % 1), rng)
         xb, mb = paste_procedural(recipe, bases(), r.procedural, rng)
         clips, masks = [adv, xb.to(dev)], [m, mb.to(dev)]
         if do is not None:
-            xd, md = next(do)
-            clips, masks = clips + [xd.to(dev)], masks + [md.to(dev)]
-        task = (lambda: r.task_weight * F.cross_entropy(model(bpda(adv)), y)) if r.task_weight else None
-        metrics = _detector_step(detector, optimizer, torch.cat(clips), torch.cat(masks), t.aux_weight, task, net, ddp)
+            xd, md = next(do)  # cached clips may be longer than the recipe's: their first frames
+            clips, masks = clips + [xd[:, :, : shape[0]].to(dev)], masks + [md[:, :, : shape[0]].to(dev)]
+        term = (lambda: r.task_weight * task.loss(bpda(adv), y).mean()) if r.task_weight else None
+        metrics = _detector_step(detector, optimizer, torch.cat(clips), torch.cat(masks), t.aux_weight, term, net, ddp)
         return {**metrics, "pool_fooled": float(np.mean(fooled)), "pool_success": pool.success(),
                 "pool_iters": float(np.mean([e.iters for e in pool.entries]))}  # fmt: skip
 
     def eval_fn(step: int) -> dict[str, float]:
         scores = race_score(model, bpda, ex, ey, emask, ez0, r.eval_iters, recipe.attack.step)
         scores["benign_fpr"] = benign_fpr(bpda, benign_eval)
-        ok = scores["clean_acc"] >= run.extra["start_clean"] - 0.02 and scores["benign_fpr"] <= r.max_benign_fpr
-        value = scores["robust_acc"] + 0.01 * scores["race_recall"] if ok else -1.0
+        clean, robust = scores[f"clean_{task.metric}"], scores[f"robust_{task.metric}"]
+        ok = clean >= run.extra["start_clean"] - 0.02 and scores["benign_fpr"] <= r.max_benign_fpr
+        value = robust + 0.01 * scores["race_recall"] if ok else -1.0
         if value > run.extra.get("best", -1.0):
             run.extra.update(best=value, best_step=step, stale=0)
             if ddp.main:
@@ -518,7 +404,7 @@ def _race(
     if "start_clean" not in run.extra:
         bpda.eval()
         with torch.no_grad():
-            run.extra["start_clean"] = (model(bpda(ex)).argmax(1) == ey).float().mean().item()
+            run.extra["start_clean"] = task.score(bpda(ex), ey)
     metrics = train_loop(
         run, t.steps, t.seed, dev, step_fn, eval_fn, t.eval_every, t.checkpoint_every, on_progress, _converged(t.patience)
     )
