@@ -226,6 +226,38 @@ def test_frame_grid_resumes_without_recomputing(frame_report: Any, monkeypatch: 
     assert again.samples == report.samples
 
 
+def test_frame_grid_runs_the_adaptive_variants_and_reports_the_worst_case(frame_report: Any, tmp_path: Path) -> None:
+    rec, pz, report = frame_report
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    save_defense(PatchZero(PSPNet("resnet18", width=0.1, aux=False), mean=(0.485, 0.456, 0.406), dilate=0), other)
+    rec = recipe(tmp_path, Path(rec.data.root), model={"weights": rec.model.weights},
+                 evaluate={"bpda_variants": ["t1", "identity", "transfer"], "transfer_detector": str(other)})  # fmt: skip
+    again = evaluate(rec, patchzero=pz)
+    attacks = {r["attack"] for r in again.samples if r["defense"] == "patchzero"}
+    assert {"pgd-0.1-bpda-t1", "pgd-0.1-bpda-identity", "pgd-0.1-bpda-transfer"} <= attacks
+    bpda = sorted(k for k in attacks if "bpda" in k)
+    worst = again.worst_box_ap("patchzero", bpda)
+    rows = {row[0]: row[2] for row in table3_rows(again)[1]}
+    assert rows["PatchZero (BPDA)"].split(" / ")[1] == f"{100 * worst['ap50']:.1f}"  # the row is the per-video worst case
+    assert again.worst_box_ap("patchzero", bpda[:1]) == again.box_ap("patchzero", bpda[0])
+
+
+def test_worst_box_ap_takes_each_video_at_its_worst_attack() -> None:
+    """Each of two attacks hides the object in one of two videos: either alone leaves AP50 50%, the
+    per-video worst case 0 (a video counts only if it survives every attack, as in Table 4)."""
+    target = [{"boxes": [[0.0, 0.0, 10.0, 10.0]], "labels": [1]}]
+    hit = [{"boxes": [[0.0, 0.0, 10.0, 10.0]], "scores": [0.9], "labels": [1]}]
+    miss = [{"boxes": [], "scores": [], "labels": []}]
+    samples = [{"defense": "patchzero", "attack": attack, "video": video, "frames": frames, "targets": target}
+               for attack, video, frames in [("a", 0, miss), ("a", 1, hit), ("b", 0, hit), ("b", 1, miss)]]  # fmt: skip
+    report = Report({"videos": [0, 1]}, samples)
+    assert report.box_ap("patchzero", "a")["ap50"] == pytest.approx(0.5, abs=0.01)
+    assert report.box_ap("patchzero", "b")["ap50"] == pytest.approx(0.5, abs=0.01)
+    assert report.worst_box_ap("patchzero", ["a", "b"])["ap50"] == 0.0
+    assert report.worst_box_ap("patchzero", ["c"]) is None
+
+
 def test_frame_grid_refuses_autopgd(synth: Path, tmp_path: Path) -> None:
     rec = recipe(tmp_path, synth, attack={"methods": ["apgd"]})
     with pytest.raises(ConfigError, match="masked PGD only"):

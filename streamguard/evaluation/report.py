@@ -86,13 +86,20 @@ class Report:
     def box_ap(self, defense: str, attack: str) -> dict[str, float] | None:
         """A frame detector's AP / AP50 / AP75 over every frame of one cell; ``None`` if it was not run."""
         recs = self.records(defense, attack)
-        if not recs:
-            return None
-        preds = [{k: torch.tensor(v).reshape(-1, 4) if k == "boxes" else torch.tensor(v) for k, v in p.items()}
-                 for r in recs for p in r["frames"]]  # fmt: skip
-        targets = [{k: torch.tensor(v).reshape(-1, 4) if k == "boxes" else torch.tensor(v, dtype=torch.int64) for k, v in g.items()}
-                   for r in recs for g in r["targets"]]  # fmt: skip
-        return detection_ap(preds, targets)
+        return _box_ap(recs) if recs else None
+
+    def worst_box_ap(self, defense: str, attacks: Sequence[str]) -> dict[str, float] | None:
+        """:meth:`worst_accuracy` for a frame detector: each video's frames as the attack that left
+        it the lowest AP50 of those run on it (then the lowest AP), and the AP of them all together;
+        ``None`` if none was run."""
+        worst: dict[int, tuple[tuple[float, float], dict[str, Any]]] = {}
+        for attack in attacks:
+            for r in self.records(defense, attack):
+                ap = _box_ap([r])
+                key = (ap["ap50"], ap["ap"])
+                if r["video"] not in worst or key < worst[r["video"]][0]:
+                    worst[r["video"]] = (key, r)
+        return _box_ap([r for _, r in worst.values()]) if worst else None
 
     def pixel_counts(self, attacks: Sequence[str]) -> PixelCounts:
         """PatchZero's pixel counts summed over the given attack keys (``"clean"`` for benign clips)."""
@@ -118,6 +125,14 @@ class Report:
             raise InputError(f"cannot read report {path}: {err}") from None
         samples = d.pop("samples", [])
         return cls(d, samples, path)
+
+
+def _box_ap(records: list[dict[str, Any]]) -> dict[str, float]:
+    preds = [{k: torch.tensor(v).reshape(-1, 4) if k == "boxes" else torch.tensor(v) for k, v in p.items()}
+             for r in records for p in r["frames"]]  # fmt: skip
+    targets = [{k: torch.tensor(v).reshape(-1, 4) if k == "boxes" else torch.tensor(v, dtype=torch.int64) for k, v in g.items()}
+               for r in records for g in r["targets"]]  # fmt: skip
+    return detection_ap(preds, targets)
 
 
 class SampleLog:

@@ -115,11 +115,8 @@ def table3_rows(report: Report) -> tuple[list[str], list[list[str]]]:
 
 
 def _ap_cell(report: Report, defense: str, attacks: list[str]) -> str:
-    runs = [ap for a in attacks if (ap := report.box_ap(defense, a)) is not None]
-    if not runs:
-        return "–"
-    worst = min(runs, key=lambda r: r["ap"])
-    return " / ".join(_pct(worst[k]) for k in ("ap", "ap50", "ap75"))
+    worst = report.worst_box_ap(defense, attacks)
+    return "–" if worst is None else " / ".join(_pct(worst[k]) for k in ("ap", "ap50", "ap75"))
 
 
 def table5a_rows(report: Report) -> tuple[list[str], list[list[str]]]:

@@ -289,6 +289,20 @@ def race_score(
             "race_precision": counts.precision}  # fmt: skip
 
 
+def held_out_race(recipe: Recipe, model: nn.Module, n: int, device: torch.device) -> tuple[Tensor, Any, Tensor, Tensor]:
+    """The race's held-out problem: the first ``n`` test clips, their targets, patch masks and the
+    attack's start content, ``(x, y, mask, z0)``; a pure function of ``train.seed``, so every
+    evaluation (and :func:`race_score` on other weights) sees the same problem."""
+    t = recipe.train
+    n_test = len(recipe_dataset(recipe, "test"))
+    ds = _task_clips(recipe, model, "test", subset=min(n, recipe.data.subset or n, n_test))
+    items = [ds[i] for i in range(len(ds))]
+    x, y = torch.stack([c for c, _ in items]), task_for(model).targets(items, device)
+    mask = torch.from_numpy(draw_masks(recipe, tuple(x.shape[2:]), [keyed_rng(t.seed, "race", i) for i in range(len(x))])[0])
+    z0 = torch.from_numpy(keyed_rng(t.seed, "race", len(x)).random(x.shape, dtype=np.float32))
+    return x.to(device), y, mask.to(device), z0.to(device)
+
+
 def _race(
     recipe: Recipe,
     init: str | os.PathLike[str],
@@ -322,9 +336,6 @@ def _race(
     t, r = recipe.train, recipe.train.race
     task = task_for(model)
     train_ds = InMemory(_task_clips(recipe, model, "train"))
-    n_test = len(recipe_dataset(recipe, "test"))
-    n_eval = eval_videos or t.eval_videos
-    eval_ds = _task_clips(recipe, model, "test", subset=min(n_eval, recipe.data.subset or n_eval, n_test))
     detector = load_defense(str(init)).detector.to(dev)
     for param in detector.parameters():
         param.requires_grad_(True)
@@ -353,10 +364,7 @@ def _race(
     if r.do:
         cached = len(recipe_dataset(recipe, "train")) if t.cache_videos is None else len(recipe_dataset(recipe, "train", subset=t.cache_videos))
         do = step_loader(AttackCache(t.cache, cached * t.attacked_per_video), r.do, t.seed, run.step, t.steps, "attacked", workers)
-    held_out = [eval_ds[i] for i in range(len(eval_ds))]
-    ex, ey = torch.stack([c for c, _ in held_out]).to(dev), task.targets(held_out, dev)
-    emask = torch.from_numpy(draw_masks(recipe, shape, [keyed_rng(t.seed, "race", i) for i in range(len(ex))])[0]).to(dev)
-    ez0 = torch.from_numpy(keyed_rng(t.seed, "race", len(ex)).random(ex.shape, dtype=np.float32)).to(dev)
+    ex, ey, emask, ez0 = held_out_race(recipe, model, eval_videos or t.eval_videos, dev)
     best_path = Path(t.output) / "detector-stage2-best.pt"
 
     def step_fn(step: int) -> dict[str, float]:

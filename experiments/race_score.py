@@ -1,0 +1,59 @@
+"""Score any detector weights on a recipe's held-out race, the problem stage 2 selects its checkpoints on.
+
+    python experiments/race_score.py WEIGHTS [WEIGHTS...] [--recipe synth-detect] [--clips N] [--json OUT]
+
+For each weights (a shipped name or a checkpoint): a fresh ``train.race.eval_iters``-iteration masked
+BPDA PGD on the first ``--clips`` (default ``train.eval_videos``) test clips, with the masks and start
+content of ``train.seed`` (``held_out_race``), through PatchZero at the recipe's working scale; then
+the clean and robust score (top-1, or box AP50 for a frame detector), the patch pixels' recall and
+precision under the attack, and the masked fraction of 32 held-out benign clips. So a stage-2 run's
+history can be set beside the detector it started from (issue #16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from streamguard.patchzero import build_defense
+from streamguard.recipes import load_recipe
+from streamguard.training.attack_cache import load_downstream
+from streamguard.training.stages import (
+    benign_fpr,
+    held_out_benign,
+    held_out_race,
+    race_score,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("weights", nargs="+")
+    parser.add_argument("--recipe", default="synth-detect")
+    parser.add_argument("--clips", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    rec = load_recipe(args.recipe)
+    dev = torch.device("cpu")
+    model = load_downstream(rec, dev).eval()
+    x, y, mask, z0 = held_out_race(rec, model, args.clips or rec.train.eval_videos, dev)
+    benign = held_out_benign(rec, 32)
+    results = {}
+    for weights in args.weights:
+        start = time.perf_counter()
+        defense = build_defense(rec.defense, weights=weights, mean=model.spec.mean, bpda=True, input_size=rec.data.size).eval()
+        scores = race_score(model, defense, x, y, mask, z0, rec.train.race.eval_iters, rec.attack.step)
+        scores["benign_fpr"] = benign_fpr(defense, benign)
+        results[weights] = {**scores, "seconds": round(time.perf_counter() - start, 1)}
+        print(weights, {k: round(v, 4) for k, v in results[weights].items()}, flush=True)
+    if args.json:
+        settings = {"recipe": rec.name, "clips": len(x), "iters": rec.train.race.eval_iters, "seed": rec.train.seed}
+        args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
