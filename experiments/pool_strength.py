@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from streamguard.checkpoints import load_checkpoint
+from streamguard.detector import build_detector
+from streamguard.patchzero import build_defense
 from streamguard.recipes import load_recipe
 from streamguard.training.attack_cache import load_downstream
 from streamguard.training.core import recipe_dataset
 from streamguard.training.race import PatchPool, patch_attack
-from streamguard.training.stages import _detector, _patchzero
 
 
 def main() -> None:
@@ -41,9 +42,10 @@ def main() -> None:
     rec = load_recipe(args.recipe)
     state, meta = load_checkpoint(args.state)
     model = load_downstream(rec, torch.device("cpu")).eval()
-    detector = _detector(rec, None)
+    d = rec.defense
+    detector = build_detector(d.backbone, width=d.width, refine=d.refine, aux=True)
     detector.load_state_dict(state["model"])
-    bpda = _patchzero(rec, detector.eval(), model.spec.mean, bpda=True).eval()
+    bpda = build_defense(d, detector=detector.eval(), mean=model.spec.mean, bpda=True, input_size=rec.data.size).eval()
     pool = PatchPool([], None, 0)  # type: ignore[arg-type]
     pool.load_state_dict(state["buffers"]["pool"])
     ranked = sorted((e for e in pool.entries if e.iters >= args.min_iters), key=lambda e: -e.iters)[: args.clips]
