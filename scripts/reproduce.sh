@@ -2,8 +2,8 @@
 # Regenerate the README's result tables on the shipped weights (seeds are in the recipes).
 #   scripts/reproduce.sh [MAX_VIDEOS] [MAX_DETECT_VIDEOS]
 set -euo pipefail
-N="${1:-36}"
-ND="${2:-$N}"
+N="${1:-48}"
+ND="${2:-12}"
 SG="${SG:-streamguard}"
 mkdir -p results
 $SG evaluate synth-clip --max-videos "$N" --no-resume --output runs/evaluate/synth-clip --markdown results/synth-clip.md
