@@ -129,7 +129,7 @@ def _plain_progress(description: str, total: int | None, field: str | None) -> I
     import time
 
     start, due = time.monotonic(), Throttle(PLAIN_EVERY)
-    state: dict[str, Any] = {"completed": 0, "total": total, field or "": ""}
+    state: dict[str, Any] = {"completed": 0, "total": total, **({field: ""} if field else {})}
 
     def line() -> str:
         done, of = state["completed"], state["total"]
