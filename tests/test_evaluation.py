@@ -171,8 +171,12 @@ class ColorNet(nn.Module):
 class DeviationDetector(nn.Module):
     """Flags pixels far from the gray background in some channel (patches; not the pale object)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("level", torch.tensor(0.3))
+
     def forward(self, x: Tensor) -> Tensor:
-        return 20 * ((x - GRAY).abs().amax(dim=1, keepdim=True) - 0.3)
+        return 20 * ((x - GRAY).abs().amax(dim=1, keepdim=True) - self.level)
 
 
 class CountingClips:
@@ -309,6 +313,26 @@ def test_adding_a_variant_to_a_finished_run_computes_only_its_cells(tmp_path: Pa
     assert {rec["attack"] for rec in added} == {"pgd-0.1-bpda-identity"} and len(added) == 2
     fresh = evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0, 1]), resume=False)
     assert fresh.samples == second.samples  # the same results as one run with both variants
+
+
+def test_a_retrained_detector_recomputes_only_patchzero_cells(tmp_path: Path) -> None:
+    r = _recipe(tmp_path)
+    r.evaluate.defenses = ["none", "gt", "patchzero"]
+    first = evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0, 1]))
+    retrained = _patchzero()
+    retrained.detector.level.fill_(0.2)  # other weights behind the same defense
+    seen: list[int] = []
+    second = evaluate(r, model=_model(), patchzero=retrained, dataset=CountingClips([0, 1]), on_progress=lambda d, t: seen.append(d))
+    others = [rec for rec in first.samples if rec["defense"] != "patchzero"]
+    assert seen[0] == len(others) and [rec for rec in second.samples if rec["defense"] != "patchzero"] == others
+    fresh = evaluate(r, model=_model(), patchzero=retrained, dataset=CountingClips([0, 1]), resume=False)
+    assert fresh.samples == second.samples and fresh.settings["fingerprint"] != first.settings["fingerprint"]
+    r.evaluate.defenses = ["none"]  # a run of fewer defenses keeps the others' records for later
+    evaluate(r, model=_model(), patchzero=retrained, dataset=CountingClips([0, 1]))
+    r.evaluate.defenses = ["none", "gt", "patchzero"]
+    seen.clear()
+    evaluate(r, model=_model(), patchzero=retrained, dataset=CountingClips([0, 1]), on_progress=lambda d, t: seen.append(d))
+    assert seen == [len(second.samples)]
 
 
 def test_resume_refuses_other_settings(full: Report, tmp_path: Path) -> None:

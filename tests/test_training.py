@@ -316,6 +316,21 @@ def test_stage2_race_trains_against_bpda(tmp_path: Path, synth: Path, victim: Pa
     assert 0 < pool["buffers"]["pool"]["iters"].sum() <= 2 * RACE["draw"] * RACE["iters"]  # refreshed ones restart
 
 
+def test_race_validation_clips_are_training_clips_the_pool_never_draws(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    from streamguard.training.attack_cache import load_downstream
+    from streamguard.training.core import recipe_dataset
+    from streamguard.training.stages import held_out_race, race_split
+
+    r = race_recipe(tmp_path, synth, victim, stage1)
+    pool, val = race_split(r, 12, 4)
+    assert len(val) == 4 and sorted(pool + val) == list(range(12))
+    assert set(val) < set(race_split(r, 12, 6)[1])  # more validation clips extend fewer
+    x = held_out_race(r, load_downstream(r, torch.device("cpu")), 4, torch.device("cpu"))[0]
+    train, test = recipe_dataset(r, "train"), recipe_dataset(r, "test")
+    assert torch.equal(x, torch.stack([train[i][0] for i in val]))
+    assert not any(torch.equal(c, test[j][0]) for c in x for j in range(len(test)))  # never the tables' videos
+
+
 def test_stage2_race_resumes_exactly_pool_included(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
     full = race_recipe(tmp_path / "a", synth, victim, stage1, steps=3, eval_every=10, checkpoint_every=10)
     train_detector_stage2(full, init=stage1, eval_videos=2)

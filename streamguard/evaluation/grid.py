@@ -33,7 +33,7 @@ from ..models import build_model
 from ..patchzero import build_defense
 from ..recipes import AttackSection, Recipe, recipe_to_dict
 from .adaptive import check_variants, variant
-from .report import Report, SampleLog, record_key, results_fingerprint
+from .report import Report, SampleLog, fingerprint_of, record_key, results_fingerprints
 
 
 @dataclass(frozen=True)
@@ -333,10 +333,11 @@ def evaluate(
     if not videos:
         raise InputError(f"{recipe.data.root}: no test videos")
 
-    fingerprint = results_fingerprint(recipe, [model, *defenses.values()])
+    parts = results_fingerprints(recipe, model, defenses)
     settings = {
         "recipe": recipe_to_dict(recipe),
-        "fingerprint": fingerprint,
+        "fingerprint": fingerprint_of(parts),
+        "parts": parts,
         "seed": recipe.attack.seed,
         "data_seed": recipe.data.seed,
         "model": model.spec.name,
@@ -347,7 +348,7 @@ def evaluate(
     if shard is not None:
         settings["shard"] = {"index": shard[0], "count": shard[1], "order": order}
     out = Path(recipe.evaluate.output) if shard is None else shard_dir(recipe.evaluate.output, shard)
-    log = SampleLog(out / "samples.jsonl", fingerprint, {"fingerprint": fingerprint, "recipe": settings["recipe"]}, resume)
+    log = SampleLog(out / "samples.jsonl", parts, {"recipe": settings["recipe"]}, resume)
     runner = (_FrameGrid if frames else _Grid)(recipe, model, defenses, log)
     wanted = set(videos)
     total = len(runner.cells) * len(videos)
@@ -362,7 +363,7 @@ def evaluate(
         if todo:
             runner.run_chunk(chunk, _load_batch(dataset, todo), progress)
 
-    samples = [r for r in log.records if r["video"] in wanted]
+    samples = [r for r in log.records if r["video"] in wanted and r["defense"] in defenses]
     position = {v: i for i, v in enumerate(videos)}
     samples.sort(key=lambda r: (position[r["video"]], r["defense"], r["attack"]))
     report = Report({**settings, "videos": videos}, samples)

@@ -30,15 +30,27 @@ def _weights_digest(modules: Sequence[nn.Module]) -> str:
     return digest.hexdigest()
 
 
-def results_fingerprint(recipe: Recipe, modules: Sequence[nn.Module]) -> str:
-    """What decides the per-sample results: the weights and the recipe but its output folder, video
-    count and list of adaptive variants (a record's attack key names its variant, and a variant's
-    attack does not depend on the others, so adding one to a finished run only adds its cells)."""
-    d = recipe_to_dict(recipe)
-    keep = {k: d[k] for k in ("model", "defense", "data", "attack")}
-    keep["evaluate"] = {k: v for k, v in d["evaluate"].items() if k not in ("output", "max_videos", "bpda_variants")}
-    keep["weights"] = _weights_digest(modules)
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+def results_fingerprints(recipe: Recipe, model: nn.Module, defenses: dict[str, nn.Module]) -> dict[str, str]:
+    """What decides the per-sample results, in parts: ``""`` what every cell shares (the model's
+    weights and the recipe's model, data and attack sections), and per defense name what only its
+    cells depend on (its weights and settings: PatchZero's ``[defense]`` and transfer detector, the
+    JPEG quality, the H.264 CRF). So a retrained detector recomputes only PatchZero's cells. The
+    output folder, video count, defense list and adaptive variants are in no part (a record's attack
+    key names its variant, and no cell depends on another, so adding one only adds its cells)."""
+    d, ev = recipe_to_dict(recipe), recipe.evaluate
+    own = {"patchzero": [d["defense"], ev.transfer_detector], "jpeg": ev.jpeg_quality, "h264": ev.h264_crf}
+
+    def digest(value: Any, modules: Sequence[nn.Module]) -> str:
+        text = json.dumps({"settings": value, "weights": _weights_digest(modules)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    parts = {"": digest({k: d[k] for k in ("model", "data", "attack")}, [model])}
+    return parts | {name: digest(own.get(name), [m]) for name, m in defenses.items()}
+
+
+def fingerprint_of(parts: dict[str, str]) -> str:
+    """One fingerprint for all the parts (:func:`results_fingerprints`): shards of one run share it."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
@@ -136,34 +148,45 @@ def _box_ap(records: list[dict[str, Any]]) -> dict[str, float]:
 
 
 class SampleLog:
-    """``samples.jsonl``: a header line (recipe fingerprint), then one JSON record per line, appended."""
+    """``samples.jsonl``: a header line (the results' fingerprints), then one JSON record per line, appended.
 
-    def __init__(self, path: Path, fingerprint: str, header: dict[str, Any], resume: bool) -> None:
+    Resuming keeps the records whose defense's fingerprint part is unchanged and drops the others
+    (they are computed again); settings or weights that every cell shares must match.
+    """
+
+    def __init__(self, path: Path, parts: dict[str, str], header: dict[str, Any], resume: bool) -> None:
         self.path = path
         self.records: list[dict[str, Any]] = []
         path.parent.mkdir(parents=True, exist_ok=True)
+        header = {**header, "fingerprint": fingerprint_of(parts), "parts": parts}
         if resume and path.is_file():
-            self.records = self._read(fingerprint)
+            self.records = self._read(parts, header)
         else:
             path.write_text(json.dumps({"header": header}) + "\n")
         self.done = {record_key(r["defense"], r["attack"], r["video"]) for r in self.records}
 
-    def _read(self, fingerprint: str) -> list[dict[str, Any]]:
+    def _read(self, parts: dict[str, str], header: dict[str, Any]) -> list[dict[str, Any]]:
         text = self.path.read_text()
         if not text.endswith("\n"):  # killed mid-line: drop the partial record
             text = text[: text.rfind("\n") + 1]
             self.path.write_text(text)
         lines = text.splitlines()
         try:
-            header = json.loads(lines[0])["header"]
+            old = json.loads(lines[0])["header"]
             records = [json.loads(line) for line in lines[1:]]
         except (IndexError, KeyError, json.JSONDecodeError):
             raise InputError(f"{self.path}: not a StreamGuard sample log; remove it or use --no-resume") from None
-        if header.get("fingerprint") != fingerprint:
+        before = old.get("parts", {})
+        if before.get("") != parts[""]:
             raise ConfigError(
                 f"{self.path} holds results of different settings; use --no-resume or another --output"
             )
-        return records
+        now = {**{k: v for k, v in before.items() if k not in parts}, **parts}  # defenses not run now keep theirs
+        kept = [r for r in records if before.get(r["defense"]) == now.get(r["defense"])]
+        if before != now:  # a defense changed (or was added): its old records go, the header is brought up to date
+            header = {**header, "parts": now}
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in [{"header": header}, *kept]))
+        return kept
 
     def append(self, records: list[dict[str, Any]]) -> None:
         with open(self.path, "a") as f:
@@ -239,7 +262,7 @@ def save_merged(report: Report, out: str | os.PathLike[str]) -> Path:
     (``ConfigError``)."""
     out = Path(out)
     log = out / "samples.jsonl"
-    fingerprint = report.settings.get("fingerprint")
+    fingerprint, parts = report.settings.get("fingerprint"), report.settings.get("parts")
     if log.is_file():
         try:
             header = json.loads(log.read_text().split("\n", 1)[0])["header"]
@@ -247,6 +270,6 @@ def save_merged(report: Report, out: str | os.PathLike[str]) -> Path:
             header = {}
         if header.get("fingerprint") != fingerprint:
             raise ConfigError(f"{log} holds results of other settings; merge into another --output")
-    head = {"header": {"fingerprint": fingerprint, "recipe": report.settings.get("recipe")}}
+    head = {"header": {"fingerprint": fingerprint, "parts": parts, "recipe": report.settings.get("recipe")}}
     write_atomic(log, "".join(json.dumps(r) + "\n" for r in [head, *report.samples]))
     return report.save(out / "report.json")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from ..metrics import pixel_scores
 from ..patches import procedural_patch
@@ -289,14 +290,23 @@ def race_score(
             "race_precision": counts.precision}  # fmt: skip
 
 
+def race_split(recipe: Recipe, n_train: int, n: int) -> tuple[list[int], list[int]]:
+    """The race's split of the training videos ``0 .. n_train - 1``: ``(pool videos, validation
+    videos)``, ``n`` of them (seeded by ``train.seed``) held out of the pool for :func:`held_out_race`,
+    so stage 2 picks its checkpoint on clips it never attacks and never on the tables' test videos."""
+    order = keyed_rng(recipe.train.seed, "validation").permutation(n_train)  # a larger n extends a smaller one
+    val = sorted(int(v) for v in order[: min(n, n_train - 1)])
+    held = set(val)
+    return [v for v in range(n_train) if v not in held], val
+
+
 def held_out_race(recipe: Recipe, model: nn.Module, n: int, device: torch.device) -> tuple[Tensor, Any, Tensor, Tensor]:
-    """The race's held-out problem: the first ``n`` test clips, their targets, patch masks and the
-    attack's start content, ``(x, y, mask, z0)``; a pure function of ``train.seed``, so every
-    evaluation (and :func:`race_score` on other weights) sees the same problem."""
+    """The race's held-out problem: ``n`` validation clips of the training split (:func:`race_split`),
+    their targets, patch masks and the attack's start content, ``(x, y, mask, z0)``; a pure function of
+    ``train.seed``, so every evaluation (and :func:`race_score` on other weights) sees the same problem."""
     t = recipe.train
-    n_test = len(recipe_dataset(recipe, "test"))
-    ds = _task_clips(recipe, model, "test", subset=min(n, recipe.data.subset or n, n_test))
-    items = [ds[i] for i in range(len(ds))]
+    ds = _task_clips(recipe, model, "train")
+    items = [ds[i] for i in race_split(recipe, len(ds), n)[1]]
     x, y = torch.stack([c for c, _ in items]), task_for(model).targets(items, device)
     mask = torch.from_numpy(draw_masks(recipe, tuple(x.shape[2:]), [keyed_rng(t.seed, "race", i) for i in range(len(x))])[0])
     z0 = torch.from_numpy(keyed_rng(t.seed, "race", len(x)).random(x.shape, dtype=np.float32))
@@ -335,7 +345,8 @@ def _race(
 
     t, r = recipe.train, recipe.train.race
     task = task_for(model)
-    train_ds = InMemory(_task_clips(recipe, model, "train"))
+    clips = _task_clips(recipe, model, "train")
+    train_ds = InMemory(Subset(clips, race_split(recipe, len(clips), eval_videos or t.eval_videos)[0]))
     detector = load_defense(str(init)).detector.to(dev)
     for param in detector.parameters():
         param.requires_grad_(True)
