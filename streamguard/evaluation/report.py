@@ -38,7 +38,8 @@ def results_fingerprints(recipe: Recipe, model: nn.Module, defenses: dict[str, n
     output folder, video count, defense list and adaptive variants are in no part (a record's attack
     key names its variant, and no cell depends on another, so adding one only adds its cells)."""
     d, ev = recipe_to_dict(recipe), recipe.evaluate
-    own = {"patchzero": [d["defense"], ev.transfer_detector], "jpeg": ev.jpeg_quality, "h264": ev.h264_crf}
+    settings = {k: v for k, v in d["defense"].items() if k != "weights"}  # the weights count by content, not by name
+    own = {"patchzero": [settings, ev.transfer_detector], "jpeg": ev.jpeg_quality, "h264": ev.h264_crf}
 
     def digest(value: Any, modules: Sequence[nn.Module]) -> str:
         text = json.dumps({"settings": value, "weights": _weights_digest(modules)}, sort_keys=True)
