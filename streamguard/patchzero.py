@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 
 Temporal = Literal["mean", "none", "ema"]
 TEMPORAL: tuple[str, ...] = ("mean", "none", "ema")
+Complete = Literal["none", "hull", "box"]
+COMPLETE: tuple[str, ...] = ("none", "hull", "box")
 
 
 def dilate_mask(mask: Tensor, radius: int) -> Tensor:
@@ -50,6 +53,31 @@ def dilate_mask(mask: Tensor, radius: int) -> Tensor:
     shape = mask.shape
     flat = mask.reshape(-1, 1, *shape[-2:])
     return F.max_pool2d(flat, 2 * radius + 1, stride=1, padding=radius).reshape(shape)
+
+
+def complete_mask(mask: Tensor, shape: Complete) -> Tensor:
+    """Shape completion: every 8-connected region of a 0/1 mask (..., H, W) replaced by its filled
+    convex hull ("hull") or bounding box ("box"); "none" returns the mask.
+
+    A patch is one solid shape, so the pixels an attacker keeps undetected in the hull or box of
+    what was found (parts a dilation apart merge into one region first) are still repainted;
+    Segment-and-Complete completes squares the same way. "box" assumes rectangular patches (a round
+    one gets its corners masked too), "hull" any convex shape.
+    """
+    if shape == "none" or not bool(mask.any()):
+        return mask
+    flat = (mask.detach().reshape(-1, *mask.shape[-2:]) > 0.5).to(torch.uint8).cpu().numpy()
+    out = np.zeros_like(flat)
+    for i in np.flatnonzero(flat.any(axis=(1, 2))):
+        if shape == "box":
+            count, _, stats, _ = cv2.connectedComponentsWithStats(flat[i], connectivity=8)
+            for x, y, w, h in stats[1:count, :4]:
+                out[i, y : y + h, x : x + w] = 1
+        else:
+            contours, _ = cv2.findContours(flat[i], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            for contour in contours:
+                cv2.fillConvexPoly(out[i], cv2.convexHull(contour), 1)
+    return torch.from_numpy(out).to(mask).reshape(mask.shape)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -84,7 +112,8 @@ class PatchZero(nn.Module):
     average runs through them in order, then on into the next call (for live streams; ``reset()``
     clears it, a change of frame size restarts it, :meth:`fork` gives another stream its own);
     "none" masks each frame on its own.
-    The mask is ``sigmoid(logit) > threshold`` dilated by ``dilate`` pixels.
+    The mask is ``sigmoid(logit) > threshold`` dilated by ``dilate`` pixels, then with ``complete``
+    each of its regions filled to its convex hull or bounding box (:func:`complete_mask`).
 
     Working resolution: with ``input_size`` ``(h, w)`` (the scale the detector was trained at, which
     travels in its weights' meta) every frame is resized to it (:func:`~streamguard.resize.resize_frames`, area averaging); the logits are fused,
@@ -97,7 +126,9 @@ class PatchZero(nn.Module):
     is that of the soft mask ``dilate(sigmoid((logit - logit(threshold)) / temperature))``.
     ``temperature=4`` keeps the sigmoid's slope within ~4x of its peak over logits in [-10, 10]
     (a trained detector's range) instead of vanishing like e^-|logit|, so attacks get a usable
-    signal from confidently detected patch pixels. With ``bpda=False`` no gradient flows
+    signal from confidently detected patch pixels. Shape completion is in the forward mask only
+    (BPDA's identity approximation of it); the ``uncompleted`` evaluation variant attacks the mask
+    without it, in case that misleads the attack less. With ``bpda=False`` no gradient flows
     through the mask (only through ``x*(1-m)``) and the detector runs without autograd.
     """
 
@@ -112,6 +143,7 @@ class PatchZero(nn.Module):
         input_size: int | Sequence[int] | None = None,
         bpda: bool = False,
         temperature: float = 4.0,
+        complete: Complete = "none",
     ) -> None:
         super().__init__()
         mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
@@ -127,10 +159,12 @@ class PatchZero(nn.Module):
             raise ConfigError(f"defense.ema must be in [0, 1), got {ema}")
         if not temperature > 0:
             raise ConfigError(f"BPDA temperature must be > 0, got {temperature}")
+        if complete not in COMPLETE:
+            raise ConfigError(f"defense.complete must be one of {', '.join(COMPLETE)}, got {complete!r}")
         self.detector = detector
         self.threshold, self.dilate, self.temporal, self.ema = float(threshold), int(dilate), temporal, float(ema)
         self.input_size = _size_pair(input_size)
-        self.bpda, self.temperature = bpda, float(temperature)
+        self.bpda, self.temperature, self.complete = bpda, float(temperature), complete
         self.register_buffer("mean", mean, persistent=False)
         self._state: Tensor | None = None
 
@@ -145,6 +179,7 @@ class PatchZero(nn.Module):
             "ema": self.ema,
             "mean": [float(v) for v in self.mean.tolist()],
             "temperature": self.temperature,
+            "complete": self.complete,
         }
         if isinstance(self.detector, PSPNet):
             d = self.detector
@@ -291,7 +326,8 @@ class PatchZero(nn.Module):
         return fused
 
     def _hard_mask(self, logits: Tensor) -> Tensor:
-        return dilate_mask((torch.sigmoid(logits) > self.threshold).to(logits.dtype), self.dilate)
+        mask = dilate_mask((torch.sigmoid(logits) > self.threshold).to(logits.dtype), self.dilate)
+        return complete_mask(mask, self.complete)
 
     def _soft_mask(self, logits: Tensor) -> Tensor:
         center = math.log(self.threshold / (1 - self.threshold))
@@ -354,7 +390,7 @@ def _restore(t: Tensor, frames: bool) -> Tensor:
 
 
 _DETECTOR_KEYS = ("backbone", "width", "aux", "refine")
-_DEFENSE_KEYS = ("mean", "threshold", "dilate", "temporal", "ema", "input_size", "bpda", "temperature")
+_DEFENSE_KEYS = ("mean", "threshold", "dilate", "temporal", "ema", "input_size", "bpda", "temperature", "complete")
 
 
 def save_defense(defense: PatchZero, path: str | os.PathLike[str], **extra_meta: Any) -> str:
@@ -402,7 +438,7 @@ def build_defense(
     """The one factory from a recipe's ``[defense]`` table to a :class:`PatchZero`.
 
     Settings, later ones winning: the checkpoint's meta, the recipe's ``section`` (``threshold``,
-    ``dilate``, ``temporal``, ``ema``, and ``input_size`` when it sets one), then ``overrides``
+    ``dilate``, ``temporal``, ``ema``, and ``input_size`` and ``complete`` when it sets them), then ``overrides``
     (``None`` keeps the value before). ``mean`` is the downstream model's dataset mean, the colour
     of the repaint. With ``detector`` (a network being trained) no checkpoint is read and the working
     resolution defaults to none; otherwise the weights are ``weights``, else ``section.weights``,
@@ -411,7 +447,7 @@ def build_defense(
     settings: dict[str, Any] = {}
     if section is not None:
         settings = {"threshold": section.threshold, "dilate": section.dilate, "temporal": section.temporal,
-                    "ema": section.ema, "input_size": section.input_size}  # fmt: skip
+                    "ema": section.ema, "input_size": section.input_size, "complete": section.complete}  # fmt: skip
     settings |= {k: v for k, v in overrides.items() if v is not None}
     if mean is not None:
         settings["mean"] = tuple(float(v) for v in mean)

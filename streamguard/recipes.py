@@ -48,6 +48,7 @@ class DefenseSection:
     dilate: int = 3
     temporal: Literal["mean", "none", "ema"] = "mean"
     ema: float = 0.5
+    complete: Literal["none", "hull", "box"] | None = None  # shape completion; default: the weights'
 
 
 @dataclass

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -300,20 +301,26 @@ def test_sanitize_vid_stride_and_snapshot(tmp_path: Path, ckpts: dict[str, Path]
     assert snap.read_bytes()[:2] == b"\xff\xd8"
 
 
-def test_imgsz_and_the_recipes_input_size_reach_the_defense(tmp_path: Path, ckpts: dict[str, Path],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """One factory: ``--imgsz`` over the recipe's ``defense.input_size`` over the weights' own working size."""
+def _spy_on_defenses(monkeypatch: pytest.MonkeyPatch, attribute: str) -> list[Any]:
+    """The ``attribute`` of every defense the one factory builds from now on, in order."""
     import streamguard.patchzero as patchzero
 
-    sizes = []
+    seen: list[Any] = []
     build = patchzero.build_defense
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         defense = build(*args, **kwargs)
-        sizes.append(defense.input_size)
+        seen.append(getattr(defense, attribute))
         return defense
 
     monkeypatch.setattr(patchzero, "build_defense", spy)
+    return seen
+
+
+def test_imgsz_and_the_recipes_input_size_reach_the_defense(tmp_path: Path, ckpts: dict[str, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """One factory: ``--imgsz`` over the recipe's ``defense.input_size`` over the weights' own working size."""
+    sizes = _spy_on_defenses(monkeypatch, "input_size")
     src = make_video(tmp_path / "in.mp4", frames=8, audio=False)
     recipe = tmp_path / "small.toml"
     recipe.write_text('extends = "camera"\n\n[defense]\ninput_size = 32\n')
@@ -322,3 +329,19 @@ def test_imgsz_and_the_recipes_input_size_reach_the_defense(tmp_path: Path, ckpt
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 0, result.output
     assert sizes == [None, (32, 32), (24, 24), (40, 40)]
+
+
+def test_complete_reaches_the_defense_and_a_bad_value_is_one_line(tmp_path: Path, ckpts: dict[str, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """``--complete`` over the recipe's ``defense.complete`` over the weights' (none)."""
+    seen = _spy_on_defenses(monkeypatch, "complete")
+    src = make_video(tmp_path / "in.mp4", frames=8, audio=False)
+    recipe = tmp_path / "hull.toml"
+    recipe.write_text('extends = "camera"\n\n[defense]\ncomplete = "hull"\n')
+    base = ["sanitize", str(src), "-o", str(tmp_path / "out.mp4"), "--detector", str(ckpts["none"])]
+    for extra in ([], ["--complete", "box"], ["--recipe", str(recipe)], ["--recipe", str(recipe), "--complete", "none"]):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 0, result.output
+    assert seen == ["none", "box", "hull", "none"]
+    bad = runner.invoke(app, base + ["--complete", "square"])
+    assert bad.exit_code != 0 and "defense.complete" in bad.output and "Traceback" not in bad.output

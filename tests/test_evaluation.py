@@ -333,6 +333,10 @@ def test_a_retrained_detector_recomputes_only_patchzero_cells(tmp_path: Path) ->
     seen.clear()
     evaluate(r, model=_model(), patchzero=retrained, dataset=CountingClips([0, 1]), on_progress=lambda d, t: seen.append(d))
     assert seen == [len(second.samples)]
+    retrained.complete = "box"  # a setting the defense runs with, not in the recipe: its cells are recomputed too
+    seen.clear()
+    evaluate(r, model=_model(), patchzero=retrained, dataset=CountingClips([0, 1]), on_progress=lambda d, t: seen.append(d))
+    assert seen[0] == len(others)
 
 
 def test_resume_refuses_other_settings(full: Report, tmp_path: Path) -> None:
@@ -392,16 +396,19 @@ def test_adaptive_variants_are_run_and_the_worst_case_reported(tmp_path: Path) -
     save_defense(PatchZero(PSPNet("resnet18", width=0.1, aux=False), (GRAY,) * 3), other)
     r = _recipe(tmp_path / "out")
     r.evaluate.defenses = ["none", "patchzero"]
-    r.evaluate.bpda_variants, r.evaluate.transfer_detector = ["t1", "identity", "iters100", "transfer"], str(other)
-    report = evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0, 1, 2, 0]))
+    r.evaluate.bpda_variants, r.evaluate.transfer_detector = ["t1", "identity", "iters100", "transfer", "uncompleted"], str(other)
+    patchzero = _patchzero()
+    patchzero.complete = "box"
+    report = evaluate(r, model=_model(), patchzero=patchzero, dataset=CountingClips([0, 1, 2, 0]))
+    assert patchzero.complete == "box"  # the uncompleted variant gives completion back
     keys = {rec["attack"] for rec in report.samples if rec["defense"] == "patchzero"}
     assert keys == {"clean", "pgd-0.1-do", "pgd-0.1-bpda", "pgd-0.1-bpda-t1", "pgd-0.1-bpda-identity",
-                    "pgd-0.1-bpda-iters100", "pgd-0.1-bpda-transfer"}  # fmt: skip
+                    "pgd-0.1-bpda-iters100", "pgd-0.1-bpda-transfer", "pgd-0.1-bpda-uncompleted"}  # fmt: skip
     bpda = [k for k in keys if "bpda" in k]
     worst = report.worst_accuracy("patchzero", bpda)
     assert worst <= min(report.accuracy("patchzero", k) for k in bpda)
     header, rows = variant_rows(report)
-    assert [row[0] for row in rows] == ["BPDA (temperature 4)", "t1", "identity", "iters100", "transfer", "worst case (per video)",
+    assert [row[0] for row in rows] == ["BPDA (temperature 4)", "t1", "identity", "iters100", "transfer", "uncompleted", "worst case (per video)",
                                         "worst case without iters100 (2 iterations)"]  # fmt: skip
     assert rows[-2][1] == f"{100 * worst:.1f}"
     short = report.worst_accuracy("patchzero", [k for k in bpda if not k.endswith("iters100")])

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 
 from streamguard.attacks import MaskedAttack, patch_mask
 from streamguard.data import render_video
+from streamguard.detector import PSPNet
+from streamguard.errors import ConfigError
 from streamguard.io import open_source
 from streamguard.metrics import PixelCounts
 from streamguard.models import load_model
-from streamguard.patchzero import PatchZero, build_defense
+from streamguard.patchzero import PatchZero, build_defense, complete_mask
 from streamguard.pipeline import Pipeline
 from streamguard.recipes import DefenseSection
 from streamguard.resize import refresh_region, resize_frames, resize_uint8
@@ -97,6 +99,47 @@ def test_dilation_is_in_working_scale_pixels() -> None:
     assert mask[0, 0, 0].sum().item() == 30 * 30
     ys, xs = torch.nonzero(mask[0, 0, 0], as_tuple=True)
     assert (ys.min().item(), ys.max().item(), xs.min().item(), xs.max().item()) == (70, 99, 70, 99)
+
+
+def test_shape_completion_fills_each_region_to_its_hull_or_box() -> None:
+    """An L of detected pixels (a square patch with its corner missed) and a separate dot: the hull
+    fills the L's diagonal, the box the whole square; the dot stays itself; nothing else is marked."""
+    m = torch.zeros(2, 1, 1, 16, 16)
+    m[0, 0, 0, 2:10, 2:4] = 1  # the L: left column and bottom row of the square 2..9
+    m[0, 0, 0, 8:10, 2:10] = 1
+    m[0, 0, 0, 13, 13] = 1
+    assert torch.equal(complete_mask(m, "none"), m)
+    box = complete_mask(m, "box")[0, 0, 0]
+    assert box[2:10, 2:10].all() and box.sum().item() == 64 + 1 and box[13, 13] == 1
+    hull = complete_mask(m, "hull")[0, 0, 0]
+    assert torch.all(hull >= m[0, 0, 0]) and hull[13, 13] == 1 and hull[5, 5] == 1  # inside the L's hull
+    assert hull[2, 9] == 0 and 24 + 8 < hull[:12, :12].sum().item() < 64  # the missed corner is outside it
+    assert complete_mask(m, "box")[1].sum() == 0  # an empty mask stays empty
+
+
+def test_completion_is_in_every_mask_path_and_in_the_weights_meta(tmp_path) -> None:
+    """The box completes the float path, the uint8 frame path and the BPDA forward alike (its
+    backward is the soft mask's), and it travels in the checkpoint's meta."""
+    from streamguard.patchzero import load_defense, save_defense
+
+    x = torch.zeros(1, 3, 2, 16, 16)
+    x[..., 4:12, 4:6] = 1.0  # only two sides of the 8x8 square are bright
+    x[..., 10:12, 4:12] = 1.0
+    defense = PatchZero(_Spot(), (0.5, 0.5, 0.5), dilate=0, complete="box")
+    mask = defense.mask(x)[0, 0, 0]
+    assert mask[4:12, 4:12].all() and mask.sum().item() == 64
+    frames = x.mul(255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    assert np.array_equal(defense.sanitize_frames(frames).mask[0][0], mask.numpy().astype(bool))
+    with defense.bpda_mode():
+        assert torch.equal(defense(x), defense.sanitize(x)[0])
+    with pytest.raises(ConfigError, match="complete"):
+        PatchZero(_Spot(), (0.5, 0.5, 0.5), complete="square")  # type: ignore[arg-type]
+    detector = PSPNet("mobilenet_v3", aux=False, width=0.125)
+    save_defense(PatchZero(detector, (0.5, 0.5, 0.5), complete="hull"), tmp_path / "pz.pt")
+    assert load_defense(tmp_path / "pz.pt").complete == "hull"
+    assert load_defense(tmp_path / "pz.pt", complete="none").complete == "none"
+    assert build_defense(DefenseSection(complete="box"), weights=tmp_path / "pz.pt", mean=(0.5,) * 3).complete == "box"
+    assert build_defense(DefenseSection(), weights=tmp_path / "pz.pt", mean=(0.5,) * 3).complete == "hull"
 
 
 def test_bpda_gradient_reaches_full_resolution_pixels() -> None:

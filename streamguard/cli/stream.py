@@ -68,6 +68,8 @@ def sanitize(
     stride: Annotated[int | None, typer.Option("--stride", min=1, help="Frames between classifier windows.")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Mask threshold on patch probability.")] = None,
     dilate: Annotated[int | None, typer.Option("--dilate", min=0, help="Mask dilation radius (pixels).")] = None,
+    complete: Annotated[str | None, typer.Option("--complete", help="Shape completion of each masked region: "
+        "none, hull (its convex hull) or box (its bounding box). Default: the detector's.")] = None,
     overlay: Annotated[Path | None, typer.Option("--overlay", help="Side-by-side input | mask | sanitized MP4 "
         "(many videos: a folder of <stem>.mp4, not the output folder).")] = None,
     predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model "
@@ -97,7 +99,7 @@ def sanitize(
     options = _demuxer_options(demuxer_option)
     if inputs is not None or (input is not None and is_batch_input(input)):
         return _sanitize_many(input, inputs, output, workers, options, ray, detector=detector, model=model, recipe=recipe,
-                              threshold=threshold, dilate=dilate, input_size=imgsz, clip_len=clip_len, stride=stride,
+                              threshold=threshold, dilate=dilate, complete=complete, input_size=imgsz, clip_len=clip_len, stride=stride,
                               vid_stride=vid_stride, device=device, predictions=predictions, overlay=overlay,
                               snapshot=snapshot)  # fmt: skip
     if input is None:
@@ -109,7 +111,7 @@ def sanitize(
     net = model_option(model, rec, device)
     if predictions is not None and net is None:
         raise ConfigError("--predictions needs a downstream model (--model or a recipe)")
-    defense = defense_option(detector, rec, net, threshold=threshold, dilate=dilate, input_size=imgsz)
+    defense = defense_option(detector, rec, net, threshold=threshold, dilate=dilate, complete=complete, input_size=imgsz)
     with open_source(input, options=options) as source:
         pipeline = Pipeline(
             source, defense, net, output=output, predictions=predictions, overlay=overlay, device=device_option(device),

@@ -10,7 +10,10 @@ BPDA attack (the defense's own soft mask, sigmoid temperature 4), each variant o
 * ``iters100``: five times the recipe's iterations (100 for the paper's 20);
 * ``restarts``: 5 random restarts, the best kept;
 * ``transfer``: BPDA through a differently trained detector (``[evaluate] transfer_detector``),
-  scored through the real one.
+  scored through the real one;
+* ``uncompleted``: BPDA through the same defense without shape completion (``complete = "none"``;
+  the attacker ignores it, in case its identity approximation misleads the plain attack), scored
+  through the real one.
 
 A video counts as robust only if it survives every variant (:meth:`Report.worst_accuracy`).
 """
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..recipes import AttackSection
 
-VARIANTS: tuple[str, ...] = ("t1", "identity", "iters100", "restarts", "transfer")
+VARIANTS: tuple[str, ...] = ("t1", "identity", "iters100", "restarts", "transfer", "uncompleted")
 
 
 class IdentityBackward(nn.Module):
@@ -69,6 +72,12 @@ def variant(name: str, defense: nn.Module, section: AttackSection, transfer: nn.
         if transfer is None:
             raise ConfigError("evaluate.bpda_variants has 'transfer' but evaluate.transfer_detector is not set")
         yield transfer, section
+    elif name == "uncompleted":
+        previous, defense.complete = defense.complete, "none"
+        try:
+            yield defense, section
+        finally:
+            defense.complete = previous
     else:
         raise ConfigError(f"evaluate.bpda_variants: unknown {name!r} (expected one of: {', '.join(VARIANTS)})")
 

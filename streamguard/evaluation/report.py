@@ -33,13 +33,14 @@ def _weights_digest(modules: Sequence[nn.Module]) -> str:
 def results_fingerprints(recipe: Recipe, model: nn.Module, defenses: dict[str, nn.Module]) -> dict[str, str]:
     """What decides the per-sample results, in parts: ``""`` what every cell shares (the model's
     weights and the recipe's model, data and attack sections), and per defense name what only its
-    cells depend on (its weights and settings: PatchZero's ``[defense]`` and transfer detector, the
+    cells depend on (its weights and settings: PatchZero's ``meta`` and transfer detector, the
     JPEG quality, the H.264 CRF). So a retrained detector recomputes only PatchZero's cells. The
     output folder, video count, defense list and adaptive variants are in no part (a record's attack
     key names its variant, and no cell depends on another, so adding one only adds its cells)."""
     d, ev = recipe_to_dict(recipe), recipe.evaluate
-    settings = {k: v for k, v in d["defense"].items() if k != "weights"}  # the weights count by content, not by name
-    own = {"patchzero": [settings, ev.transfer_detector], "jpeg": ev.jpeg_quality, "h264": ev.h264_crf}
+    own: dict[str, Any] = {"jpeg": ev.jpeg_quality, "h264": ev.h264_crf}
+    if "patchzero" in defenses:  # the settings it runs with (its weights' meta under the recipe's [defense])
+        own["patchzero"] = [getattr(defenses["patchzero"], "meta", None), ev.transfer_detector]
 
     def digest(value: Any, modules: Sequence[nn.Module]) -> str:
         text = json.dumps({"settings": value, "weights": _weights_digest(modules)}, sort_keys=True)
