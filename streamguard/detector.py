@@ -263,17 +263,31 @@ def detector_loss(
     target_mask: Tensor,
     aux_weight: float = 0.4,
     pos_weight: float | Tensor | None = None,
+    edge_weight: float = 0.0,
+    edge_px: int = 2,
 ) -> Tensor:
     """PSPNet's loss: BCE-with-logits on the main logits + ``aux_weight`` x the same on the aux logits.
 
     ``outputs``: logits (B,1,H,W) or ``(logits, aux_logits)``; ``target_mask``: (B,1,H,W) or (B,H,W), 1 = patch.
-    ``pos_weight`` up-weights patch pixels (they are a few percent of each frame).
+    ``pos_weight`` up-weights patch pixels (they are a few percent of each frame). ``edge_weight`` adds
+    that much weight to the band of ``edge_px`` pixels either side of each patch's border: the patch
+    pixels an adaptive attacker leaks through and the scene pixels it makes the detector mask (the
+    dilation and shape completion then grow them over the object).
     """
     logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
     target = (target_mask.unsqueeze(1) if target_mask.dim() == 3 else target_mask).to(logits.dtype)
     if pos_weight is not None:
         pos_weight = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
-    loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+    weight = 1 + edge_weight * edge_band(target, edge_px) if edge_weight else None
+    loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, pos_weight=pos_weight)
     if aux is not None and aux_weight:
-        loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux, target, pos_weight=pos_weight)
+        loss = loss + aux_weight * F.binary_cross_entropy_with_logits(aux, target, weight=weight, pos_weight=pos_weight)
     return loss
+
+
+def edge_band(mask: Tensor, px: int) -> Tensor:
+    """1 on the pixels of ``mask`` (B, 1, H, W) within ``px`` pixels of a border between 0 and 1, on either side."""
+    k = 2 * px + 1
+    grown = F.max_pool2d(mask, k, 1, px)
+    shrunk = -F.max_pool2d(-mask, k, 1, px)
+    return grown - shrunk

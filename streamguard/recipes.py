@@ -165,6 +165,10 @@ class RaceTrainSection:
     procedural: int = 1  # procedural patches per step ([train.patches] textures)
     benign: int = 2
     task_weight: float = 0.0  # weight of the downstream loss on the sanitized attacked clips (through the soft mask)
+    edge_weight: float = 0.0  # extra BCE weight on the band of edge_px pixels either side of every patch border
+    edge_px: int = 2
+    hard: int = 0  # clean footage clips a step mined from those the detector comes nearest to masking (hard negatives)
+    average: float = 0.0  # if set, the decay of a moving average of the detector's weights, which is what is scored and kept
     eval_iters: int = 20  # the held-out race: a fresh BPDA PGD of this many iterations on train.eval_videos clips
     max_benign_fpr: float = 1.0  # a checkpoint is kept as the best only if it masks at most this fraction of held-out benign pixels
 

@@ -12,7 +12,7 @@ from torchvision.models import resnet18
 
 import streamguard.checkpoints as checkpoints
 from streamguard.checkpoints import Weights
-from streamguard.detector import PSPNet, build_detector, detector_loss
+from streamguard.detector import PSPNet, build_detector, detector_loss, edge_band
 from streamguard.errors import CheckpointError, ConfigError, InputError
 from streamguard.patchzero import PatchZero, dilate_mask, load_defense, save_defense
 
@@ -90,6 +90,20 @@ def test_detector_loss_main_plus_aux() -> None:
     assert torch.allclose(detector_loss(logits, target[:, 0]), bce(logits, target))
     weighted = bce(logits, target, pos_weight=torch.tensor(5.0)) + 0.1 * bce(aux, target, pos_weight=torch.tensor(5.0))
     assert torch.allclose(detector_loss((logits, aux), target, aux_weight=0.1, pos_weight=5.0), weighted)
+
+
+def test_edge_weight_adds_weight_on_both_sides_of_each_patch_border() -> None:
+    target = torch.zeros(1, 1, 32, 32)
+    target[..., 8:20, 8:20] = 1
+    band = edge_band(target, 2)
+    assert band.sum() == 16 * 16 - 8 * 8  # 2 pixels inside and 2 outside the 12x12 square's border
+    assert band[..., 14, 14] == 0 and band[..., 0, 0] == 0 and band[..., 8, 8] == 1 and band[..., 6, 14] == 1
+    assert band[..., 5, 14] == 0 and band[..., 10, 14] == 0
+    logits, aux = torch.randn(1, 1, 32, 32), torch.randn(1, 1, 32, 32)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    per_pixel = bce(logits, target, reduction="none") + 0.4 * bce(aux, target, reduction="none")
+    extra = detector_loss((logits, aux), target, edge_weight=3.0) - detector_loss((logits, aux), target)
+    assert torch.allclose(extra, 3.0 * (band * per_pixel).mean())
 
 
 def test_detector_loss_trains_tiny_pspnet() -> None:

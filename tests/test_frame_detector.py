@@ -207,6 +207,24 @@ def test_frame_grid_has_every_cell_and_table3(frame_report: Any) -> None:
     assert set(ap) == {"ap", "ap50", "ap75"} and all(0 <= v <= 1 for v in ap.values())
 
 
+def test_table3_names_the_worst_adaptive_variant(frame_report: Any) -> None:
+    """A variant that erases every box is the worst case, and the breakdown says so in AP50."""
+    from streamguard.evaluation.tables import variant_rows
+
+    _, _, report = frame_report
+    bpda = [r for r in report.samples if r["attack"] == "pgd-0.1-bpda"]
+    erased = [{**r, "attack": "pgd-0.1-bpda-t1", "frames": [{"boxes": [], "labels": [], "scores": []} for _ in r["frames"]]} for r in bpda]
+    settings = json.loads(json.dumps(report.settings))
+    settings["recipe"]["evaluate"]["bpda_variants"] = ["t1"]
+    both = Report(settings, report.samples + erased)
+    header, rows = variant_rows(both)
+    assert header == ["BPDA attack on PatchZero", "MPGD 10%"]
+    plain = report.box_ap("patchzero", "pgd-0.1-bpda")["ap50"]
+    assert rows == [["BPDA (temperature 4)", f"{100 * plain:.1f}"], ["t1", "0.0"], ["worst case (per video)", "0.0"]]
+    assert table3_rows(both)[1][-1][-1].split(" / ")[1] == "0.0"  # Table 3's BPDA row is that worst case
+    assert "box AP50, %" in report_markdown(both)
+
+
 def test_table3_counts_frames_without_the_undefended_row(frame_report: Any) -> None:
     _, _, report = frame_report
     frames = 4 * len(report.settings["videos"])

@@ -346,6 +346,70 @@ def test_stage2_race_resumes_exactly_pool_included(tmp_path: Path, synth: Path, 
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
+def test_stage2_scores_and_keeps_the_weights_moving_average(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    """``average``: the state file carries the average through a kill, and the kept detector is it."""
+    from streamguard.patchzero import load_defense
+
+    race, cache = {**RACE, "average": 0.5, "edge_weight": 2.0}, str(stage1.parent.parent / "cache")
+
+    def run(tmp: Path, steps: int, resume: bool = False) -> Any:
+        r = recipe(tmp, synth, victim, cache=cache, race=race, steps=steps, eval_every=2, checkpoint_every=1)
+        return train_detector_stage2(r, init=stage1, eval_videos=2, resume=resume)
+
+    run(tmp_path / "a", 1)
+    first = state(tmp_path / "a" / "run" / "detector-stage2-state.pt")["model"]
+    run(tmp_path / "a", 2, resume=True)
+    whole = run(tmp_path / "b", 2)
+    resumed, straight = (state(tmp_path / d / "run" / "detector-stage2-state.pt") for d in ("a", "b"))
+    last, ema = resumed["model"], resumed["buffers"]["ema"]
+    assert_same_weights(ema, straight["buffers"]["ema"])
+    floats = [k for k in last if last[k].is_floating_point()]
+    assert any(not torch.equal(first[k], last[k]) for k in floats)
+    for k in floats:  # the first update copies the weights, the second averages them with decay 0.5
+        assert torch.allclose(ema["module." + k], 0.5 * first[k] + 0.5 * last[k], atol=1e-6)
+    assert load_checkpoint(whole.path)[1]["best_step"] == 2  # scored only at step 2: the average is kept
+    kept = load_defense(whole.path).detector.state_dict()
+    assert all(torch.equal(kept[k], ema["module." + k]) for k in floats)
+
+
+def test_benign_mining_ranks_the_clip_the_detector_nearly_masks_first(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    from streamguard.training.stages import hardest_benign
+
+    class Reads(torch.nn.Module):  # a defense whose patch probability is the red channel
+        def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :1]
+
+    clips = torch.zeros(3, 3, 2, 10, 10)
+    clips[0, 0] = 0.3  # moderate everywhere
+    clips[1, 0, 0, :2, :2] = 0.9  # confident on 4 of 200 pixels: the top 2%
+    assert hardest_benign(Reads(), clips, 2, batch=2).tolist() == [1, 0]
+    r = race_recipe(tmp_path, synth, victim, stage1, steps=1)
+    r.train.race.hard = 1  # mining needs real footage, which this recipe has none of
+    with pytest.raises(ConfigError, match="footage"):
+        train_detector_stage2(r, init=stage1, eval_videos=2)
+
+
+def test_stage2_race_mines_hard_benign_footage(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    import cv2
+
+    from streamguard.data.footage import FootageClips, build_footage
+    from streamguard.training.stages import HARD_KEEP
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        cv2.imwrite(str(src / f"photo{i}.png"), cv2.GaussianBlur(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), (5, 5), 0))
+    footage = build_footage([src], tmp_path / "footage", size=32, clip_len=8, clips_per_photo=2, seed=0)
+    n_train = len(FootageClips(footage, "train"))
+    r = race_recipe(tmp_path, synth, victim, stage1, steps=2, eval_every=10, checkpoint_every=1)
+    r.train.patches.footage, r.train.race.hard = str(footage), 2
+    train_detector_stage2(r, init=stage1, eval_videos=2)
+    hard = state(tmp_path / "run" / "detector-stage2-state.pt")["buffers"]["hard"]
+    assert len(hard) == min(HARD_KEEP, n_train) and len(set(hard.tolist())) == len(hard)
+    assert 0 <= int(hard.min()) and int(hard.max()) < n_train
+
+
 def test_stage2_keeps_the_best_race_checkpoint_and_stops(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
     r = race_recipe(tmp_path, synth, victim, stage1, steps=12, eval_every=1, patience=2)
     result = train_detector_stage2(r, init=stage1, eval_videos=2)

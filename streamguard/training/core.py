@@ -33,7 +33,7 @@ ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 _SALT = {
     "classifier": 1, "benign": 2, "attacked": 3, "augment": 4, "cache": 5, "stage2": 6, "eval": 7, "torch": 8, "frames": 9,
-    "patches": 10, "footage": 11, "pool": 12, "race": 13, "graphics": 14, "validation": 15,
+    "patches": 10, "footage": 11, "pool": 12, "race": 13, "graphics": 14, "validation": 15, "mine": 16, "hard": 17,
 }  # fmt: skip
 
 

@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Subset
 
+from ..errors import ConfigError
 from ..metrics import pixel_scores
 from ..patches import procedural_patch
 from ..recipes import Recipe, recipe_to_dict
@@ -71,9 +73,11 @@ def _detector_step(
     extra_loss: Callable[[], Tensor] | None = None,
     net: nn.Module | None = None,
     ddp: Dist | None = None,
+    edge: tuple[float, int] = (0.0, 2),
 ) -> dict[str, float]:
     """One Adam step of the detector on the frames of clips ``x`` ``(B, 3, T, H, W)`` / masks
-    ``(B, 1, T, H, W)``; ``extra_loss()`` (evaluated in eval mode, e.g. stage 2's task term) is added.
+    ``(B, 1, T, H, W)``; ``extra_loss()`` (evaluated in eval mode, e.g. stage 2's task term) is added;
+    ``edge`` is ``detector_loss``'s ``(edge_weight, edge_px)``.
     Under torchrun ``net`` is the DDP-wrapped ``detector`` and this rank trains on its rows of the batch."""
     from ..detector import detector_loss
 
@@ -86,7 +90,7 @@ def _detector_step(
         task = extra_loss()
     detector.train()
     outputs = (net or detector)(frames)
-    loss = detector_loss(outputs, target, aux_weight) * weight
+    loss = detector_loss(outputs, target, aux_weight, edge_weight=edge[0], edge_px=edge[1]) * weight
     if task is not None:
         loss = loss + task
     optimizer.zero_grad(set_to_none=True)
@@ -208,6 +212,19 @@ def benign_fpr(defense: nn.Module, clips: Tensor, batch: int = 8) -> float:
     with torch.no_grad():
         masked = sum(float(defense.sanitize(clips[i : i + batch])[1].gt(0.5).sum()) for i in range(0, len(clips), batch))
     return masked / (clips[:, :1].numel())
+
+
+HARD_SCAN, HARD_KEEP, HARD_EVERY = 64, 8, 25  # the race's benign mining: footage clips scanned, kept, every so many steps
+
+
+def hardest_benign(defense: nn.Module, clips: Tensor, keep: int, batch: int = 8) -> Tensor:
+    """Indices of the ``keep`` benign ``clips`` ``(B, 3, T, H, W)`` that ``defense`` comes nearest to
+    masking, hardest first: ranked by the mean of each clip's top 2% patch probabilities, so a clip it
+    almost marks counts before one it ignores."""
+    defense.eval()
+    with torch.no_grad():
+        p = torch.cat([defense.probabilities(clips[i : i + batch]).flatten(1) for i in range(0, len(clips), batch)])
+    return p.topk(max(1, p.shape[1] // 50), dim=1).values.mean(1).argsort(descending=True)[:keep]
 
 
 def held_out_benign(recipe: Recipe, n: int) -> Tensor:
@@ -334,13 +351,21 @@ def _race(
     fresh ones, and takes one Adam step of the detector on the drawn patches plus ``do`` cached DO
     clips, ``procedural`` procedural patches and ``benign`` clean clips (``detector_loss``, plus
     ``task_weight`` x the downstream loss on the sanitized attacked clips through the soft mask, so the
-    detector learns to cover the pixels that matter). Every ``train.eval_every`` steps a fresh
+    detector learns to cover the pixels that matter; ``edge_weight`` on the band either side of each
+    patch border, where the attacker leaks and over-masks). With ``average`` (a decay) the held-out race
+    scores, and the run keeps, the exponential moving average of the detector's weights (torch's
+    ``AveragedModel``), which smooths the step-to-step swings of the benign false-positive rate. With
+    ``hard``, that many clean footage clips a step come from the :data:`HARD_KEEP` of :data:`HARD_SCAN`
+    training clips the detector came nearest to masking when last mined (every :data:`HARD_EVERY`
+    steps): hard negatives, since a race teaches the detector to mark the natural textures the attacker
+    imitates. Every ``train.eval_every`` steps a fresh
     ``eval_iters``-iteration attack on ``eval_videos`` held-out clips (default ``train.eval_videos``)
     scores the detector; the best robust score (top-1 or box AP50; the clean one within 2 points of
     the start's, benign FPR at most ``max_benign_fpr``) is kept
     as ``detector-stage2.pt``, not the last. Training stops after ``train.patience`` evaluations
     without a new best, or at ``train.steps``. Resumes exactly, pool included.
     """
+    from ..data.footage import FootageClips
     from ..patchzero import load_defense
 
     t, r = recipe.train, recipe.train.race
@@ -362,10 +387,17 @@ def _race(
         return PoolEntry(video, torch.from_numpy(mask[0]), torch.from_numpy(rng.random((3, *shape), dtype=np.float32)))
 
     pool = PatchPool.fresh(r.pool, make, len(train_ds), keyed_rng(t.seed, "pool", 0))
+    ema = AveragedModel(detector, multi_avg_fn=get_ema_multi_avg_fn(r.average), use_buffers=True) if r.average else None
     start_run(run, resume)
     if run.buffers:
         pool.load_state_dict(run.buffers["pool"])
-    run.collect = lambda: {"pool": pool.state_dict()}  # gathered only when a checkpoint is written
+        if ema is not None:
+            ema.load_state_dict(run.buffers["ema"])
+    hard = {"clips": run.buffers.get("hard", torch.zeros(0, dtype=torch.long))}  # mined footage clips (indices)
+    # gathered only when a checkpoint is written
+    run.collect = lambda: {"pool": pool.state_dict(), "hard": hard["clips"], **({"ema": ema.state_dict()} if ema is not None else {})}
+    judged = ema.module if ema is not None else detector  # what the held-out race scores and what is kept
+    bpda_judged = _patchzero(recipe, judged, mean, bpda=True).to(dev) if ema is not None else bpda
     net = data_parallel(detector, ddp, dev)
     share = ddp.rows(r.draw)  # this rank continues the attacks of these drawn entries; every rank keeps the whole pool
     workers = recipe.data.workers
@@ -377,6 +409,20 @@ def _race(
         do = step_loader(AttackCache(t.cache, cached * t.attacked_per_video), r.do, t.seed, run.step, t.steps, "attacked", workers)
     ex, ey, emask, ez0 = held_out_race(recipe, model, eval_videos or t.eval_videos, dev)
     best_path = Path(t.output) / "detector-stage2-best.pt"
+    footage = FootageClips(recipe.train.patches.footage, "train") if r.hard and recipe.train.patches.footage else None
+    if r.hard and footage is None:
+        raise ConfigError("train.race.hard mines real footage: set train.patches.footage")
+
+    def footage_clips(idx: Sequence[int]) -> Tensor:
+        return torch.stack([footage[int(i)][0][:, : shape[0]] for i in idx])  # footage may be longer
+
+    def mined(step: int) -> Tensor:
+        """``r.hard`` benign footage clips of this step, from the ``HARD_KEEP`` the detector nearly masks."""
+        if step % HARD_EVERY == 0 or not len(hard["clips"]):
+            scan = keyed_rng(t.seed, "mine", step).choice(len(footage), size=min(HARD_SCAN, len(footage)), replace=False)
+            hard["clips"] = torch.from_numpy(scan)[hardest_benign(bpda, footage_clips(scan).to(dev), HARD_KEEP).cpu()]
+        pick = keyed_rng(t.seed, "hard", step).choice(len(hard["clips"]), size=r.hard, replace=r.hard > len(hard["clips"]))
+        return footage_clips(hard["clips"][pick].tolist())
 
     def step_fn(step: int) -> dict[str, float]:
         rng = keyed_rng(t.seed, "stage2", step)
@@ -401,21 +447,28 @@ def _race(
         if do is not None:
             xd, md = next(do)  # cached clips may be longer than the recipe's: their first frames
             clips, masks = clips + [xd[:, :, : shape[0]].to(dev)], masks + [md[:, :, : shape[0]].to(dev)]
+        if r.hard:
+            xh = mined(step).to(dev)
+            clips, masks = clips + [xh], masks + [torch.zeros_like(xh[:, :1])]
         term = (lambda: r.task_weight * task.loss(bpda(adv), y).mean()) if r.task_weight else None
-        metrics = _detector_step(detector, optimizer, torch.cat(clips), torch.cat(masks), t.aux_weight, term, net, ddp)
+        metrics = _detector_step(
+            detector, optimizer, torch.cat(clips), torch.cat(masks), t.aux_weight, term, net, ddp, (r.edge_weight, r.edge_px)
+        )
+        if ema is not None:
+            ema.update_parameters(detector)
         return {**metrics, "pool_fooled": float(np.mean(fooled)), "pool_success": pool.success(),
                 "pool_iters": float(np.mean([e.iters for e in pool.entries]))}  # fmt: skip
 
     def eval_fn(step: int) -> dict[str, float]:
-        scores = race_score(model, bpda, ex, ey, emask, ez0, r.eval_iters, recipe.attack.step)
-        scores["benign_fpr"] = benign_fpr(bpda, benign_eval)
+        scores = race_score(model, bpda_judged, ex, ey, emask, ez0, r.eval_iters, recipe.attack.step)
+        scores["benign_fpr"] = benign_fpr(bpda_judged, benign_eval)
         clean, robust = scores[f"clean_{task.metric}"], scores[f"robust_{task.metric}"]
         ok = clean >= run.extra["start_clean"] - 0.02 and scores["benign_fpr"] <= r.max_benign_fpr
         value = robust + 0.01 * scores["race_recall"] if ok else -1.0
         if value > run.extra.get("best", -1.0):
             run.extra.update(best=value, best_step=step, stale=0)
             if ddp.main:
-                _save_detector(recipe, detector, mean, best_path, {"seed": t.seed, "stage": 2, "steps": step, "metrics": scores})
+                _save_detector(recipe, judged, mean, best_path, {"seed": t.seed, "stage": 2, "steps": step, "metrics": scores})
         else:
             run.extra["stale"] = run.extra.get("stale", 0) + 1
         return scores
