@@ -3,7 +3,8 @@
     python experiments/benign_probe.py WEIGHTS [--recipe synth-clip]
 
 Prints the race's held-out benign masked fraction (``held_out_benign`` + ``benign_fpr``: 16 clips of
-the footage's test split and 16 unseen graphics clips, through the full defense at 0.5), then, per
+the footage's test split and 16 unseen graphics clips, through the full defense at 0.5, with the
+recipe's shape completion) and which of those clips are masked at all, then, per
 threshold, the fraction of pixels above it (temporal mean fusion, no dilation) on 24 footage train,
 24 footage test and 24 training-graphics clips, and the DO pixel recall on 24 cached attacks. Seed 0.
 Needs ``data/footage`` and the recipe's attack cache.
@@ -40,8 +41,11 @@ def main() -> None:
     args = parser.parse_args()
     rec = load_recipe(args.recipe)
     defense = load_defense(args.weights)
+    defense.complete = rec.defense.complete or defense.complete  # the race judges through the recipe's defense
     held = held_out_benign(rec, 32)
     print(f"held-out benign masked fraction: footage {benign_fpr(defense, held[:16]):.2e}, graphics {benign_fpr(defense, held[16:]):.2e}")
+    masked = {i: f"{f:.2e}" for i in range(len(held)) if (f := benign_fpr(defense, held[i : i + 1]))}
+    print(f"held-out clips masked (0-15 footage, 16-31 graphics): {masked}")
     rng = np.random.default_rng(0)
     footage = rec.train.patches.footage
     train, test = FootageClips(footage, "train"), FootageClips(footage, "test")
