@@ -1,10 +1,12 @@
 """How much clean video a detector masks, and what a higher threshold would cost.
 
-    python experiments/benign_probe.py WEIGHTS [--recipe synth-clip]
+    python experiments/benign_probe.py WEIGHTS [--recipe synth-clip] [--picture masked.png]
 
 Prints the race's held-out benign masked fraction (``held_out_benign`` + ``benign_fpr``: 16 clips of
 the footage's test split and 16 unseen graphics clips, through the full defense at 0.5, with the
-recipe's shape completion) and which of those clips are masked at all, then, per
+recipe's shape completion) and which of those clips are masked at all, the same for the race's 48
+clean validation clips of the task (``held_out_race``; the race's ``clean_fpr``; ``--picture``: one row
+per masked clip, its first frame | the fused patch probability | the mask, 3x), then, per
 threshold, the fraction of pixels above it (temporal mean fusion, no dilation) on 24 footage train,
 24 footage test and 24 training-graphics clips, and the DO pixel recall on 24 cached attacks. Seed 0.
 Needs ``data/footage`` and the recipe's attack cache.
@@ -13,7 +15,9 @@ Needs ``data/footage`` and the recipe's attack cache.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -21,8 +25,13 @@ from streamguard.data.footage import FootageClips
 from streamguard.data.graphics import GraphicsClips
 from streamguard.patchzero import load_defense
 from streamguard.recipes import load_recipe
-from streamguard.training.attack_cache import AttackCache
-from streamguard.training.stages import GRAPHICS_TRAIN, benign_fpr, held_out_benign
+from streamguard.training.attack_cache import AttackCache, load_downstream
+from streamguard.training.stages import (
+    GRAPHICS_TRAIN,
+    benign_fpr,
+    held_out_benign,
+    held_out_race,
+)
 
 
 def fused_probabilities(detector: torch.nn.Module, clips: list[torch.Tensor]) -> torch.Tensor:
@@ -34,10 +43,23 @@ def fused_probabilities(detector: torch.nn.Module, clips: list[torch.Tensor]) ->
     return torch.sigmoid(logits)
 
 
+def write_picture(path: Path, defense: torch.nn.Module, clips: torch.Tensor) -> None:
+    """One row per clip ``(N, 3, T, H, W)``: first frame | fused probability (jet) | the defense's mask."""
+    p = fused_probabilities(defense.detector, list(clips))[:, 0].numpy()
+    with torch.no_grad():
+        mask = defense.sanitize(clips)[1][:, 0, 0].numpy()
+    u8 = lambda a: (a * 255).astype(np.uint8)  # [0, 1] -> uint8
+    rows = [np.concatenate([u8(c[:, 0].permute(1, 2, 0).numpy()), cv2.applyColorMap(u8(q), cv2.COLORMAP_JET)[..., ::-1],
+                            np.repeat(u8(m)[..., None], 3, 2)], 1) for c, q, m in zip(clips, p, mask)]  # fmt: skip
+    img = np.concatenate(rows, 0)
+    cv2.imwrite(str(path), cv2.resize(img[..., ::-1], None, fx=3, fy=3, interpolation=cv2.INTER_NEAREST))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights")
     parser.add_argument("--recipe", default="synth-clip")
+    parser.add_argument("--picture", type=Path, default=None)
     args = parser.parse_args()
     rec = load_recipe(args.recipe)
     defense = load_defense(args.weights)
@@ -46,6 +68,12 @@ def main() -> None:
     print(f"held-out benign masked fraction: footage {benign_fpr(defense, held[:16]):.2e}, graphics {benign_fpr(defense, held[16:]):.2e}")
     masked = {i: f"{f:.2e}" for i in range(len(held)) if (f := benign_fpr(defense, held[i : i + 1]))}
     print(f"held-out clips masked (0-15 footage, 16-31 graphics): {masked}")
+    model = load_downstream(rec, torch.device("cpu"))
+    val = held_out_race(rec, model, 48, torch.device("cpu"))[0]
+    masked = {i: f"{f:.2e}" for i in range(len(val)) if (f := benign_fpr(defense, val[i : i + 1]))}
+    print(f"clean validation clips: masked fraction {benign_fpr(defense, val):.2e}, clips masked {masked}")
+    if args.picture and masked:
+        write_picture(args.picture, defense, val[list(masked)])
     rng = np.random.default_rng(0)
     footage = rec.train.patches.footage
     train, test = FootageClips(footage, "train"), FootageClips(footage, "test")

@@ -7,7 +7,8 @@ BPDA PGD on ``--clips`` (default ``train.eval_videos``) validation clips of the 
 the masks and start content of ``train.seed`` (``held_out_race``; before commit 4f157d6 these were
 test clips), through PatchZero at the recipe's working scale; then
 the clean and robust score (top-1, or box AP50 for a frame detector), the patch pixels' recall and
-precision under the attack, and the masked fraction of 32 held-out benign clips. So a stage-2 run's
+precision under the attack, the masked fraction of the clean validation clips (``clean_fpr``) and of
+32 held-out benign clips. So a stage-2 run's
 history can be set beside the detector it started from (issue #16).
 """
 

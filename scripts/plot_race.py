@@ -4,6 +4,7 @@
 
 Reads the history the stage-2 race stores in its checkpoint's meta (every ``train.eval_every`` steps:
 a fresh BPDA PGD on the held-out race clips) and draws it with OpenCV (no plotting library needed).
+Writes the history beside the picture (``results/race.json``), keeping any other keys that file has.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def main() -> None:
     title = f"held-out race: fresh BPDA PGD on {meta.get('recipe', {}).get('train', {}).get('eval_videos', '?')} clips"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(args.output), draw(history, best, title)[..., ::-1])
-    atomic_write_text(args.output.with_suffix(".json"), json.dumps({"best_step": best, "history": history}, indent=1))
+    record = args.output.with_suffix(".json")  # a results JSON of the same name keeps its other keys (command, sha256)
+    kept = json.loads(record.read_text()) if record.is_file() else {}
+    atomic_write_text(record, json.dumps({**kept, "best_step": best, "history": history}, indent=1) + "\n")
     print(f"wrote {args.output} ({len(history)} evaluations, best at step {best})")
 
 

@@ -168,9 +168,11 @@ class RaceTrainSection:
     edge_weight: float = 0.0  # extra BCE weight on the band of edge_px pixels either side of every patch border
     edge_px: int = 2
     hard: int = 0  # clean footage clips a step mined from those the detector comes nearest to masking (hard negatives)
+    hard_task: int = 0  # clean clips of the task's own training videos a step, mined the same way
     average: float = 0.0  # if set, the decay of a moving average of the detector's weights, which is what is scored and kept
     eval_iters: int = 20  # the held-out race: a fresh BPDA PGD of this many iterations on train.eval_videos clips
-    max_benign_fpr: float = 1.0  # a checkpoint is kept as the best only if it masks at most this fraction of held-out benign pixels
+    max_benign_fpr: float = 1.0  # a checkpoint is kept as the best only if it masks at most this fraction of the pixels
+    # of the held-out benign clips and of the clean validation clips
 
 
 @dataclass

@@ -410,6 +410,53 @@ def test_stage2_race_mines_hard_benign_footage(tmp_path: Path, synth: Path, vict
     assert 0 <= int(hard.min()) and int(hard.max()) < n_train
 
 
+def test_stage2_race_mines_the_tasks_own_clean_clips(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    from streamguard.training.core import recipe_dataset
+    from streamguard.training.stages import HARD_KEEP, race_split
+
+    r = race_recipe(tmp_path, synth, victim, stage1, steps=2, eval_every=10, checkpoint_every=1)
+    r.train.race.hard_task = 2  # no footage needed: the clips are the race's own training videos
+    train_detector_stage2(r, init=stage1, eval_videos=2)
+    buffers = state(tmp_path / "run" / "detector-stage2-state.pt")["buffers"]
+    n_pool = len(race_split(r, len(recipe_dataset(r, "train")), 2)[0])
+    mined = buffers["hard_task"]
+    assert len(mined) == min(HARD_KEEP, n_pool) and len(set(mined.tolist())) == len(mined)
+    assert 0 <= int(mined.min()) and int(mined.max()) < n_pool and len(buffers["hard"]) == 0
+
+
+def test_race_score_counts_what_the_defense_masks_on_the_clean_clips(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    from streamguard.patchzero import build_defense
+    from streamguard.training.attack_cache import load_downstream
+    from streamguard.training.stages import held_out_race, race_score
+
+    r = race_recipe(tmp_path, synth, victim, stage1)
+    model = load_downstream(r, torch.device("cpu")).eval()
+    x, y, mask, z0 = held_out_race(r, model, 2, torch.device("cpu"))
+    for threshold, masked in ((1e-9, 1.0), (1 - 1e-9, 0.0)):  # the logits of this detector are far inside +-20
+        defense = build_defense(r.defense, weights=stage1, mean=model.spec.mean, bpda=True, threshold=threshold)
+        assert race_score(model, defense, x, y, mask, z0, 1, 0.2)["clean_fpr"] == masked
+
+
+def test_stage2_keeps_no_checkpoint_that_masks_the_clean_validation_clips(
+    tmp_path: Path, synth: Path, victim: Path, stage1: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamguard.patchzero import load_defense
+    from streamguard.training import stages
+
+    score = stages.race_score
+    monkeypatch.setattr(stages, "benign_fpr", lambda *a, **k: 0.0)  # the held-out benign clips pass the guard
+    for clean_fpr, lr in ((0.0, 0.0), (0.5, 1e-3)):  # lr 0: the clean score stays the start's, so the guard decides
+        monkeypatch.setattr(stages, "race_score", lambda *a, f=clean_fpr: {**score(*a), "clean_fpr": f})
+        r = race_recipe(tmp_path / str(clean_fpr), synth, victim, stage1, steps=2, eval_every=1, lr=lr)
+        r.train.race.max_benign_fpr, r.train.race.average = 0.1, 0.5
+        result = train_detector_stage2(r, init=stage1, eval_videos=2)
+        assert (load_checkpoint(result.path)[1]["best_step"] is None) == bool(clean_fpr)
+    # nothing inside the guards: what is kept is the last of what was scored, the average, not the raw weights
+    ema = state(tmp_path / "0.5" / "run" / "detector-stage2-state.pt")["buffers"]["ema"]
+    kept = load_defense(result.path).detector.state_dict()
+    assert all(torch.equal(kept[k], ema["module." + k]) for k in kept if kept[k].is_floating_point())
+
+
 def test_stage2_keeps_the_best_race_checkpoint_and_stops(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
     r = race_recipe(tmp_path, synth, victim, stage1, steps=12, eval_every=1, patience=2)
     result = train_detector_stage2(r, init=stage1, eval_videos=2)
@@ -444,4 +491,5 @@ def test_cli_trains_and_reports_errors_on_one_line(tmp_path: Path, synth: Path) 
     assert result.exit_code == 2 and "--init" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["train", "detector", "--stage", "2", str(toml), "--init", "synth-patchzero", "--steps", "0"])
     assert result.exit_code == 0, result.output  # a shipped name starts it
+    assert "no evaluation was inside the guards" in result.output  # zero steps: nothing scored, the last weights kept
     assert load_checkpoint(tmp_path / "run/detector-stage2.pt")[1]["init"] == "synth-patchzero"

@@ -74,7 +74,10 @@ def _print_result(title: str, result: Any) -> None:
         return
     rows = {"checkpoint": result.path, "sha256": result.sha256, "steps": result.steps}
     if getattr(result, "stopped_early", False):
-        rows["stopped"] = "early: robust accuracy converged"
+        rows["stopped"] = "early: no new best for train.patience evaluations"
+    if title.endswith("--stage 2"):
+        best = result.best_step
+        rows["kept"] = f"step {best}, the best inside the guards" if best is not None else "the last weights: no evaluation was inside the guards"
     out.print(summary_table(title, rows | {_METRIC_LABELS.get(k, k): v for k, v in result.metrics.items()}))
 
 

@@ -47,6 +47,7 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    best_step: int | None = None  # stage 2: the evaluation kept, None if none was inside the guards
 
 
 # ---------------------------------------------------------------- determinism

@@ -291,7 +291,8 @@ def race_score(
     """The held-out race: a fresh masked BPDA PGD (from content ``z0``) through ``defense``; the
     task's clean and robust score (``clean_acc``/``robust_acc``: top-1 of a clip classifier;
     ``clean_ap50``/``robust_ap50``: box AP50 of a frame detector) and the patch pixels' recall and
-    precision under the attack."""
+    precision under the attack, and ``clean_fpr``, the fraction of the clean clips' pixels it masks (a
+    mask on a clean clip can cost the task nothing on these clips and a video on the next)."""
     from ..metrics import PixelCounts
 
     task = task_for(model)
@@ -304,7 +305,7 @@ def race_score(
         robust = task.score(clean_adv, y)
     counts = PixelCounts.from_masks(found > 0.5, mask > 0.5)
     return {f"clean_{task.metric}": clean, f"robust_{task.metric}": robust, "race_recall": counts.recall,
-            "race_precision": counts.precision}  # fmt: skip
+            "race_precision": counts.precision, "clean_fpr": benign_fpr(defense, x)}  # fmt: skip
 
 
 def race_split(recipe: Recipe, n_train: int, n: int) -> tuple[list[int], list[int]]:
@@ -358,10 +359,11 @@ def _race(
     ``hard``, that many clean footage clips a step come from the :data:`HARD_KEEP` of :data:`HARD_SCAN`
     training clips the detector came nearest to masking when last mined (every :data:`HARD_EVERY`
     steps): hard negatives, since a race teaches the detector to mark the natural textures the attacker
-    imitates. Every ``train.eval_every`` steps a fresh
+    imitates; ``hard_task`` mines the task's own training clips the same way. Every ``train.eval_every`` steps a fresh
     ``eval_iters``-iteration attack on ``eval_videos`` held-out clips (default ``train.eval_videos``)
     scores the detector; the best robust score (top-1 or box AP50; the clean one within 2 points of
-    the start's, benign FPR at most ``max_benign_fpr``) is kept
+    the start's, the masked fraction of the held-out benign clips and of the clean validation clips at
+    most ``max_benign_fpr``) is kept
     as ``detector-stage2.pt``, not the last. Training stops after ``train.patience`` evaluations
     without a new best, or at ``train.steps``. Resumes exactly, pool included.
     """
@@ -393,9 +395,10 @@ def _race(
         pool.load_state_dict(run.buffers["pool"])
         if ema is not None:
             ema.load_state_dict(run.buffers["ema"])
-    hard = {"clips": run.buffers.get("hard", torch.zeros(0, dtype=torch.long))}  # mined footage clips (indices)
+    none = torch.zeros(0, dtype=torch.long)
+    hard = {k: run.buffers.get(k, none) for k in ("hard", "hard_task")}  # mined clips (indices) of each source
     # gathered only when a checkpoint is written
-    run.collect = lambda: {"pool": pool.state_dict(), "hard": hard["clips"], **({"ema": ema.state_dict()} if ema is not None else {})}
+    run.collect = lambda: {"pool": pool.state_dict(), **hard, **({"ema": ema.state_dict()} if ema is not None else {})}
     judged = ema.module if ema is not None else detector  # what the held-out race scores and what is kept
     bpda_judged = _patchzero(recipe, judged, mean, bpda=True).to(dev) if ema is not None else bpda
     net = data_parallel(detector, ddp, dev)
@@ -413,16 +416,22 @@ def _race(
     if r.hard and footage is None:
         raise ConfigError("train.race.hard mines real footage: set train.patches.footage")
 
-    def footage_clips(idx: Sequence[int]) -> Tensor:
-        return torch.stack([footage[int(i)][0][:, : shape[0]] for i in idx])  # footage may be longer
+    sources = {"hard": (footage, r.hard), "hard_task": (train_ds, r.hard_task)}
 
-    def mined(step: int) -> Tensor:
-        """``r.hard`` benign footage clips of this step, from the ``HARD_KEEP`` the detector nearly masks."""
-        if step % HARD_EVERY == 0 or not len(hard["clips"]):
-            scan = keyed_rng(t.seed, "mine", step).choice(len(footage), size=min(HARD_SCAN, len(footage)), replace=False)
-            hard["clips"] = torch.from_numpy(scan)[hardest_benign(bpda, footage_clips(scan).to(dev), HARD_KEEP).cpu()]
-        pick = keyed_rng(t.seed, "hard", step).choice(len(hard["clips"]), size=r.hard, replace=r.hard > len(hard["clips"]))
-        return footage_clips(hard["clips"][pick].tolist())
+    def mined(step: int, key: str) -> Tensor:
+        """This step's ``count`` clean clips of source ``key`` (footage or the task's training clips),
+        from the ``HARD_KEEP`` of ``HARD_SCAN`` the detector came nearest to masking when last mined."""
+        ds, count = sources[key]
+        keys = () if key == "hard" else (1,)  # the footage keeps the draws it had before the task's clips were mined
+
+        def take(idx: Sequence[int]) -> Tensor:
+            return torch.stack([ds[int(i)][0][:, : shape[0]] for i in idx])  # footage may be longer
+
+        if step % HARD_EVERY == 0 or not len(hard[key]):
+            scan = keyed_rng(t.seed, "mine", step, *keys).choice(len(ds), size=min(HARD_SCAN, len(ds)), replace=False)
+            hard[key] = torch.from_numpy(scan)[hardest_benign(bpda, take(scan).to(dev), HARD_KEEP).cpu()]
+        pick = keyed_rng(t.seed, "hard", step, *keys).choice(len(hard[key]), size=count, replace=count > len(hard[key]))
+        return take(hard[key][pick].tolist())
 
     def step_fn(step: int) -> dict[str, float]:
         rng = keyed_rng(t.seed, "stage2", step)
@@ -447,8 +456,8 @@ def _race(
         if do is not None:
             xd, md = next(do)  # cached clips may be longer than the recipe's: their first frames
             clips, masks = clips + [xd[:, :, : shape[0]].to(dev)], masks + [md[:, :, : shape[0]].to(dev)]
-        if r.hard:
-            xh = mined(step).to(dev)
+        for key in (k for k, (_, count) in sources.items() if count):
+            xh = mined(step, key).to(dev)
             clips, masks = clips + [xh], masks + [torch.zeros_like(xh[:, :1])]
         term = (lambda: r.task_weight * task.loss(bpda(adv), y).mean()) if r.task_weight else None
         metrics = _detector_step(
@@ -463,7 +472,7 @@ def _race(
         scores = race_score(model, bpda_judged, ex, ey, emask, ez0, r.eval_iters, recipe.attack.step)
         scores["benign_fpr"] = benign_fpr(bpda_judged, benign_eval)
         clean, robust = scores[f"clean_{task.metric}"], scores[f"robust_{task.metric}"]
-        ok = clean >= run.extra["start_clean"] - 0.02 and scores["benign_fpr"] <= r.max_benign_fpr
+        ok = clean >= run.extra["start_clean"] - 0.02 and max(scores["benign_fpr"], scores["clean_fpr"]) <= r.max_benign_fpr
         value = robust + 0.01 * scores["race_recall"] if ok else -1.0
         if value > run.extra.get("best", -1.0):
             run.extra.update(best=value, best_step=step, stale=0)
@@ -483,8 +492,9 @@ def _race(
     stopped = run.step < t.steps
     if not ddp.main:
         return TrainResult(Path(t.output) / "detector-stage2.pt", "", run.step, metrics, run.extra.get("history", []), stopped)
+    kept = judged  # with no checkpoint inside the guards, the last of what the race scored (the average, if any)
     if best_path.is_file():
-        detector.load_state_dict(load_defense(best_path).detector.state_dict())
+        kept.load_state_dict(load_defense(best_path).detector.state_dict())
     best = next((h for h in run.extra.get("history", []) if h["step"] == run.extra.get("best_step")), metrics)
     path = Path(t.output) / "detector-stage2.pt"
     meta = {
@@ -492,5 +502,5 @@ def _race(
         "init": str(init), "metrics": {**metrics, **best}, "stopped_early": stopped, "recipe": recipe_to_dict(recipe),
         "history": run.extra.get("history", []),
     }  # fmt: skip
-    sha = _save_detector(recipe, detector, mean, path, meta)
-    return TrainResult(path, sha, run.step, {**metrics, **best}, run.extra.get("history", []), stopped)
+    sha = _save_detector(recipe, kept, mean, path, meta)
+    return TrainResult(path, sha, run.step, {**metrics, **best}, run.extra.get("history", []), stopped, run.extra.get("best_step"))
