@@ -1,12 +1,14 @@
 """How much clean video a detector masks, and what a higher threshold would cost.
 
-    python experiments/benign_probe.py WEIGHTS [--recipe synth-clip] [--picture masked.png]
+    python experiments/benign_probe.py WEIGHTS [--recipe synth-clip] [--picture masked.png] [--test-videos 48]
 
 Prints the race's held-out benign masked fraction (``held_out_benign`` + ``benign_fpr``: 16 clips of
 the footage's test split and 16 unseen graphics clips, through the full defense at 0.5, with the
 recipe's shape completion) and which of those clips are masked at all, the same for the race's 48
 clean validation clips of the task (``held_out_race``; the race's ``clean_fpr``; ``--picture``: one row
-per masked clip, its first frame | the fused patch probability | the mask, 3x), then, per
+per masked clip, its first frame | the fused patch probability | the mask, 3x; ``--test-videos N``: the
+highest fused probability and the masked fraction of the first N clean videos of ``evaluate``'s order, the
+test videos, to read a table's clean column and never to choose by), then, per
 threshold, the fraction of pixels above it (temporal mean fusion, no dilation) on 24 footage train,
 24 footage test and 24 training-graphics clips, and the DO pixel recall on 24 cached attacks. Seed 0.
 Needs ``data/footage`` and the recipe's attack cache.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -23,6 +26,7 @@ import torch
 
 from streamguard.data.footage import FootageClips
 from streamguard.data.graphics import GraphicsClips
+from streamguard.evaluation.grid import _order, _video_name, load_dataset
 from streamguard.patchzero import load_defense
 from streamguard.recipes import load_recipe
 from streamguard.training.attack_cache import AttackCache, load_downstream
@@ -55,11 +59,22 @@ def write_picture(path: Path, defense: torch.nn.Module, clips: torch.Tensor) -> 
     cv2.imwrite(str(path), cv2.resize(img[..., ::-1], None, fx=3, fy=3, interpolation=cv2.INTER_NEAREST))
 
 
+def print_test_videos(defense: torch.nn.Module, rec: Any, n: int) -> None:
+    """The clean test videos the defense comes nearest to masking: highest fused probability, masked fraction."""
+    ds = load_dataset(rec)
+    rows = []
+    for name, (clip, _) in ((_video_name(ds, v), ds[v]) for v in _order(len(ds), n, rec.attack.seed)):
+        x = torch.as_tensor(clip, dtype=torch.float32)
+        rows.append((float(fused_probabilities(defense.detector, [x]).max()), benign_fpr(defense, x[None]), name))
+    print("clean test videos, nearest to masked first:", [f"{v}: {p:.3f}, {f:.2e}" for p, f, v in sorted(rows, reverse=True)[:5]])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights")
     parser.add_argument("--recipe", default="synth-clip")
     parser.add_argument("--picture", type=Path, default=None)
+    parser.add_argument("--test-videos", type=int, default=0)
     args = parser.parse_args()
     rec = load_recipe(args.recipe)
     defense = load_defense(args.weights)
@@ -74,6 +89,8 @@ def main() -> None:
     print(f"clean validation clips: masked fraction {benign_fpr(defense, val):.2e}, clips masked {masked}")
     if args.picture and masked:
         write_picture(args.picture, defense, val[list(masked)])
+    if args.test_videos:
+        print_test_videos(defense, rec, args.test_videos)
     rng = np.random.default_rng(0)
     footage = rec.train.patches.footage
     train, test = FootageClips(footage, "train"), FootageClips(footage, "test")
