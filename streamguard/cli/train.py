@@ -69,13 +69,14 @@ def _train_progress(description: str) -> Iterator[Callable[[int, int, dict[str, 
         yield show
 
 
-def _print_result(title: str, result: Any) -> None:
+def _print_result(title: str, result: Any, *, race: bool = False) -> None:
+    """The run's summary table; for a stage-2 ``race``, also which evaluation was kept."""
     if not _main_rank():
         return
     rows = {"checkpoint": result.path, "sha256": result.sha256, "steps": result.steps}
     if getattr(result, "stopped_early", False):
         rows["stopped"] = "early: no new best for train.patience evaluations"
-    if title.endswith("--stage 2"):
+    if race:
         best = result.best_step
         rows["kept"] = f"step {best}, the best inside the guards" if best is not None else "the last weights: no evaluation was inside the guards"
     out.print(summary_table(title, rows | {_METRIC_LABELS.get(k, k): v for k, v in result.metrics.items()}))
@@ -169,6 +170,6 @@ def train_detector_command(
         with _train_progress("train detector, stage 2") as on_progress:
             result = train_detector_stage2(rec, init, on_progress=on_progress, resume=resume, command=_command_line(),
                                            device=device)  # fmt: skip
-    _print_result(f"streamguard train detector --stage {stage}", result)
+    _print_result(f"streamguard train detector --stage {stage}", result, race=stage == 2)
 
 
