@@ -17,6 +17,7 @@ Needs ``data/footage`` and the recipe's attack cache.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 
 from streamguard.data.footage import FootageClips
 from streamguard.data.graphics import GraphicsClips
-from streamguard.evaluation.grid import _order, _video_name, load_dataset
+from streamguard.evaluation.grid import evaluation_videos, load_dataset
 from streamguard.patchzero import load_defense
 from streamguard.recipes import load_recipe
 from streamguard.training.attack_cache import AttackCache, load_downstream
@@ -63,8 +64,8 @@ def print_test_videos(defense: torch.nn.Module, rec: Any, n: int) -> None:
     """The clean test videos the defense comes nearest to masking: highest fused probability, masked fraction."""
     ds = load_dataset(rec)
     rows = []
-    for name, (clip, _) in ((_video_name(ds, v), ds[v]) for v in _order(len(ds), n, rec.attack.seed)):
-        x = torch.as_tensor(clip, dtype=torch.float32)
+    for v, name in evaluation_videos(replace(rec, evaluate=replace(rec.evaluate, max_videos=n)), ds):
+        x = torch.as_tensor(ds[v][0], dtype=torch.float32)
         rows.append((float(fused_probabilities(defense.detector, [x]).max()), benign_fpr(defense, x[None]), name))
     print("clean test videos, nearest to masked first:", [f"{v}: {p:.3f}, {f:.2e}" for p, f, v in sorted(rows, reverse=True)[:5]])
 

@@ -386,6 +386,14 @@ def test_tables(full: Report) -> None:
     json.dumps(full.to_dict())
 
 
+def test_benign_row_shows_a_few_masked_pixels_and_no_precision() -> None:
+    from streamguard.evaluation.tables import _benign_row
+
+    few = _benign_row(PixelCounts(tp=0, fp=1, fn=0, tn=3999))  # 2.5e-4: 0.0 at one decimal
+    assert few == ["Benign (no attack)", "–", "–", "100.0", "–", "0.025"]
+    assert _benign_row(PixelCounts(tn=10))[-1] == "0.0" and _benign_row(PixelCounts(fp=1, tn=9))[-1] == "10.0"
+
+
 def test_adaptive_variants_are_run_and_the_worst_case_reported(tmp_path: Path) -> None:
     from streamguard.detector import PSPNet
     from streamguard.evaluation.tables import variant_rows

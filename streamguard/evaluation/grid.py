@@ -245,6 +245,11 @@ def _order(n: int, max_videos: int | None, seed: int) -> list[int]:
     return [int(v) for v in np.random.default_rng(seed).permutation(n)[:max_videos]]
 
 
+def evaluation_videos(recipe: Recipe, dataset: Any) -> list[tuple[int, str]]:
+    """``(index, name)`` of the videos :func:`evaluate` runs on ``dataset``, in its seeded order."""
+    return [(v, _video_name(dataset, v)) for v in _order(len(dataset), recipe.evaluate.max_videos, recipe.data.seed)]
+
+
 def _chunks(videos: list[int], size: int) -> Iterator[tuple[int, list[int]]]:
     for c in range(0, len(videos), size):
         yield c // size, videos[c : c + size]
@@ -329,7 +334,7 @@ def evaluate(
     defenses = {name: d.to(device) for name, d in build_defenses(recipe, model, patchzero).items()}
     if dataset is None:
         dataset = BoxClips(load_dataset(recipe), model.spec.num_classes) if frames else load_dataset(recipe)
-    videos = _order(len(dataset), recipe.evaluate.max_videos, recipe.data.seed)
+    videos = [v for v, _ in evaluation_videos(recipe, dataset)]
     if not videos:
         raise InputError(f"{recipe.data.root}: no test videos")
 

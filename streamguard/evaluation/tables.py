@@ -153,12 +153,19 @@ def table5a_rows(report: Report) -> tuple[list[str], list[list[str]]]:
         if keys:
             rows.append(_pixel_row(f"All {mode.upper()}", report.pixel_counts(keys)))
     if report.records("patchzero", CLEAN.key):
-        rows.append(_pixel_row("Benign (no attack)", report.pixel_counts([CLEAN.key])))
+        rows.append(_benign_row(report.pixel_counts([CLEAN.key])))
     return header, rows
 
 
 def _pixel_row(label: str, c: PixelCounts) -> list[str]:
     return [label, _pct(c.precision), _pct(c.recall), _pct(c.accuracy), _pct(c.f1), _pct(c.fpr)]
+
+
+def _benign_row(c: PixelCounts) -> list[str]:
+    """Clean clips have no patch pixels, so precision and F1 say nothing there; an FPR under 0.1% (a few
+    masked pixels, which the other rows' one decimal would show as 0.0) gets two significant digits."""
+    fpr = f"{100 * c.fpr:.2g}" if 0 < c.fpr < 1e-3 else _pct(c.fpr)
+    return ["Benign (no attack)", "–", "–", _pct(c.accuracy), "–", fpr]
 
 
 def _rich(title: str, header: list[str], rows: list[list[str]]) -> Table:
