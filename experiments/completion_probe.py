@@ -1,17 +1,20 @@
 """Shape completion and dilation, chosen on the race's validation clips (issue #16).
 
     python experiments/completion_probe.py [WEIGHTS] [--recipe synth-clip] [--clips 48] [--iters N]
-        [--settings none:3 hull:3 box:3 ...] [--json OUT]
+        [--method pgd|apgd] [--area A] [--settings none:3 hull:3 box:3 ...] [--json OUT]
 
 For each setting ``COMPLETE:DILATE`` (``complete`` none, hull or box; ``dilate`` in working-scale
-pixels): a fresh masked BPDA PGD (``--iters``, default ``train.race.eval_iters``) through PatchZero
+pixels): a fresh masked BPDA attack (``--method``, ``--iters``, default ``train.race.eval_iters``) through PatchZero
 with that setting, on the held-out race (``held_out_race``: validation clips of the training split,
 never the tables' test videos; masks and start content seeded by ``train.seed``); then clean and
 robust top-1, the patch pixels' recall and precision, and the masked fraction of 32 held-out benign
 clips; and, to tell leaks from over-masking, the top-1 with the defense's mask united with the
-patch (``leaks_closed``) and cut to the patch dilated by ``--near`` pixels (``scene_unmasked``). Then,
-for every completed setting, the attack made against ``none`` at the same dilation judged through it
-(a transfer: the attacker who ignores completion).
+patch (``leaks_closed``) and cut to the patch dilated by ``--near`` pixels (``scene_unmasked``); and a
+downstream-only attack of the same method and iterations, made once against the model alone, judged
+through the setting (``do_*``: what over-masking costs when the detector finds the patch). Then, for
+every completed setting, the attack made against ``none`` at the same dilation judged through it (a
+transfer: the attacker who ignores completion). ``--area`` draws every patch at that area instead of
+``train.area_range`` (Table 4's columns are 5% and 10%).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="synth-clip")
     parser.add_argument("--clips", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--method", choices=["pgd", "apgd"], default="pgd")
+    parser.add_argument("--area", type=float, default=None)
     parser.add_argument("--settings", nargs="+", default=["none:3", "hull:3", "box:3"])
     parser.add_argument("--near", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
@@ -51,6 +56,8 @@ def main() -> None:
     dev = torch.device("cpu")
     model = load_downstream(rec, dev).eval()
     task = task_for(model)
+    if args.area is not None:
+        rec.train.area_range = [args.area, args.area]
     x, y, mask, z0 = held_out_race(rec, model, args.clips or rec.train.eval_videos, dev)
     benign = held_out_benign(rec, 32)
 
@@ -71,14 +78,17 @@ def main() -> None:
                     "leaks_closed": task.score(adv * (1 - closed) + paint * closed, y),
                     "scene_unmasked": task.score(adv * (1 - cut) + paint * cut, y)}  # fmt: skip
 
+    z_do, _, _ = patch_attack(model, None, x, y, mask, z0, iters, rec.attack.step, args.method)
+    do_adv = x * (1 - mask) + mask * z_do
     results, attacked = {}, {}
     for setting in args.settings:
         start, defense = time.perf_counter(), build(setting)
-        z, _, _ = patch_attack(model, defense, x, y, mask, z0, iters, rec.attack.step)
+        z, _, _ = patch_attack(model, defense, x, y, mask, z0, iters, rec.attack.step, args.method)
         attacked[setting] = x * (1 - mask) + mask * z
         with torch.no_grad():
             clean = task.score(defense(x), y)
-        results[setting] = {f"clean_{task.metric}": clean, **judge(defense, attacked[setting]),
+        do = {f"do_{k}": v for k, v in judge(defense, do_adv).items()}
+        results[setting] = {f"clean_{task.metric}": clean, **judge(defense, attacked[setting]), **do,
                             "benign_fpr": benign_fpr(defense, benign), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
         print(setting, {k: round(v, 4) for k, v in results[setting].items()}, flush=True)
     for setting in args.settings:
@@ -87,7 +97,8 @@ def main() -> None:
             results[f"{plain} -> {setting}"] = judge(build(setting), attacked[plain])
             print(f"{plain} -> {setting}", {k: round(v, 4) for k, v in results[f"{plain} -> {setting}"].items()}, flush=True)
     if args.json:
-        settings = {"recipe": rec.name, "weights": weights, "clips": len(x), "iters": iters, "near": args.near, "seed": rec.train.seed}
+        settings = {"recipe": rec.name, "weights": weights, "clips": len(x), "method": args.method, "iters": iters,
+                    "area": args.area, "near": args.near, "seed": rec.train.seed}  # fmt: skip
         args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
 
 
