@@ -3,9 +3,11 @@
     python experiments/completion_probe.py [WEIGHTS] [--recipe synth-clip] [--clips 48] [--iters N]
         [--method pgd|apgd] [--area A] [--settings none:3 hull:3 box:3 ...] [--json OUT]
 
-For each setting ``COMPLETE:DILATE`` (``complete`` none, hull or box; ``dilate`` in working-scale
-pixels): a fresh masked BPDA attack (``--method``, ``--iters``, default ``train.race.eval_iters``) through PatchZero
-with that setting, on the held-out race (``held_out_race``: validation clips of the training split,
+For each setting ``COMPLETE:DILATE[:LOW]`` (``complete`` none, hull or box; ``dilate`` in working-scale
+pixels; ``LOW``, a trial not in the product: hysteresis, the mask grown from the pixels above the
+threshold into the connected pixels above ``LOW`` before the dilation, :class:`Hysteresis`): a fresh
+masked BPDA attack (``--method``, ``--iters``, default ``train.race.eval_iters``) through PatchZero with
+that setting, on the held-out race (``held_out_race``: validation clips of the training split,
 never the tables' test videos; masks and start content seeded by ``train.seed``); then clean and
 robust top-1, the patch pixels' recall and precision, and the masked fraction of 32 held-out benign
 clips; and, to tell leaks from over-masking, the top-1 with the defense's mask united with the
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from streamguard.metrics import PixelCounts
-from streamguard.patchzero import build_defense, dilate_mask
+from streamguard.patchzero import PatchZero, build_defense, complete_mask, dilate_mask
 from streamguard.recipes import load_recipe
 from streamguard.training.attack_cache import load_downstream
 from streamguard.training.race import patch_attack
@@ -37,6 +40,28 @@ from streamguard.training.stages import (
     held_out_race,
     task_for,
 )
+
+
+class Hysteresis(PatchZero):
+    """PatchZero whose mask is grown, before the dilation, from the pixels above ``threshold`` into the
+    8-connected pixels above ``low`` (a detector unsure at a patch's holes and border is trusted where it
+    touches a sure detection), so a smaller fixed dilation may do. BPDA's soft mask is centred at ``low``."""
+
+    low: float = 0.5
+
+    def _hard_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(logits)
+        grown, allowed = (p > self.threshold).to(logits.dtype), (p > self.low).to(logits.dtype)
+        for _ in range(max(logits.shape[-2:])):
+            step = torch.maximum(grown, dilate_mask(grown, 1) * allowed)
+            if torch.equal(step, grown):
+                break
+            grown = step
+        return complete_mask(dilate_mask(grown, self.dilate), self.complete)
+
+    def _soft_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        center = math.log(self.low / (1 - self.low))
+        return dilate_mask(torch.sigmoid((logits - center) / self.temperature), self.dilate)
 
 
 def main() -> None:
@@ -62,9 +87,12 @@ def main() -> None:
     benign = held_out_benign(rec, 32)
 
     def build(setting: str) -> torch.nn.Module:
-        complete, dilate = setting.split(":")
-        return build_defense(rec.defense, weights=weights, mean=model.spec.mean, bpda=True, input_size=rec.data.size,
-                             complete=complete, dilate=int(dilate)).eval()  # fmt: skip
+        complete, dilate, *low = setting.split(":")
+        defense = build_defense(rec.defense, weights=weights, mean=model.spec.mean, bpda=True, input_size=rec.data.size,
+                                complete=complete, dilate=int(dilate)).eval()  # fmt: skip
+        if low:
+            defense.__class__, defense.low = Hysteresis, float(low[0])
+        return defense
 
     paint = torch.tensor(model.spec.mean).view(1, 3, 1, 1, 1)
     near = dilate_mask(mask, args.near)
@@ -92,7 +120,7 @@ def main() -> None:
                             "benign_fpr": benign_fpr(defense, benign), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
         print(setting, {k: round(v, 4) for k, v in results[setting].items()}, flush=True)
     for setting in args.settings:
-        plain = f"none:{setting.split(':')[1]}"
+        plain = f"none:{setting.split(':')[1]}"  # the same dilation, neither completed nor grown
         if not setting.startswith("none") and plain in attacked:
             results[f"{plain} -> {setting}"] = judge(build(setting), attacked[plain])
             print(f"{plain} -> {setting}", {k: round(v, 4) for k, v in results[f"{plain} -> {setting}"].items()}, flush=True)
