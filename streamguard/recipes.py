@@ -160,7 +160,8 @@ class RaceTrainSection:
     iters: int = 4  # BPDA iterations per draw
     refresh: float = 0.15  # pool entries replaced by fresh ones (new place, random content) per step, on average:
     # an entry then lives about pool / refresh steps, drawn draw / refresh times (64 / 0.15 x 4 / 64: ~27 draws, ~107 iterations)
-    method: Literal["pgd", "apgd"] = "pgd"
+    method: Literal["pgd", "apgd"] = "pgd"  # apgd: each entry keeps the step its attack has decayed to across draws,
+    # halved at a draw's end when the loss stalled (iters a multiple of race.CHECKPOINT, 5, so every draw checks)
     do: int = 0  # cached DO clips per step (the stage-1 cache), so the DO rows do not regress
     procedural: int = 1  # procedural patches per step ([train.patches] textures)
     benign: int = 2
@@ -170,7 +171,8 @@ class RaceTrainSection:
     hard: int = 0  # clean footage clips a step mined from those the detector comes nearest to masking (hard negatives)
     hard_task: int = 0  # clean clips of the task's own training videos a step, mined the same way
     average: float = 0.0  # if set, the decay of a moving average of the detector's weights, which is what is scored and kept
-    eval_iters: int = 20  # the held-out race: a fresh BPDA PGD of this many iterations on train.eval_videos clips
+    eval_iters: int = 20  # the held-out race: a fresh BPDA attack of this many iterations on train.eval_videos clips
+    eval_method: Literal["pgd", "apgd"] = "pgd"  # ... and its method
     max_benign_fpr: float = 1.0  # a checkpoint is kept as the best only if it masks at most this fraction of the pixels
     # of the held-out benign clips and of the clean validation clips
 

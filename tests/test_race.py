@@ -35,6 +35,18 @@ def test_a_continued_attack_is_one_long_attack(method: str) -> None:
     assert torch.equal(z, fresh) and torch.equal(loss, fresh_loss)
 
 
+def test_apgd_warm_starts_at_a_pools_decayed_step() -> None:
+    """Fresh apgd starts at 2 x step; given per-clip ``steps`` it starts there and halves them when stalled."""
+    model, defense, x, y, mask, z0 = _setup()
+    fresh = patch_attack(model, defense, x, y, mask, z0, 5, method="apgd")
+    given = patch_attack(model, defense, x, y, mask, z0, 5, method="apgd", steps=torch.full((len(x),), 0.4))
+    assert torch.equal(fresh[0], given[0]) and torch.equal(fresh[2].step, given[2].step)
+    small = torch.tensor([0.05, 0.4] * len(x))[: len(x)]
+    _, _, state = patch_attack(model, defense, x, y, mask, z0, 5, method="apgd", steps=small)
+    assert all(s in (b, b / 2) for s, b in zip(state.step.tolist(), small.tolist()))
+    assert not torch.equal(state.best_z, fresh[2].best_z)
+
+
 def test_attack_stays_in_the_patch_and_in_range_and_freezes_nothing() -> None:
     model, defense, x, y, mask, z0 = _setup()
     with torch.no_grad():
@@ -71,11 +83,12 @@ def test_pool_refreshes_and_round_trips() -> None:
     pool = PatchPool.fresh(5, make, n_videos=3, rng=rng)
     assert len(pool.entries) == 5 and {e.video for e in pool.entries} <= {0, 1, 2}
     for i in pool.draw(2, rng):
-        pool.entries[i].iters, pool.entries[i].draws, pool.entries[i].fooled = 8, 2, True
+        pool.entries[i].iters, pool.entries[i].draws, pool.entries[i].fooled, pool.entries[i].step = 8, 2, True, 0.1
     assert pool.success() == 1.0
     copy = PatchPool([], make, 3)
     copy.load_state_dict(pool.state_dict())
-    assert [(e.video, e.iters, e.draws, e.fooled) for e in copy.entries] == [(e.video, e.iters, e.draws, e.fooled) for e in pool.entries]
+    keys = [(e.video, e.iters, e.draws, e.fooled, e.step) for e in pool.entries]
+    assert [(e.video, e.iters, e.draws, e.fooled, e.step) for e in copy.entries] == keys and 0.1 in {k[-1] for k in keys}
     assert all(torch.equal(a.content, b.content) for a, b in zip(copy.entries, pool.entries))
     pool.refresh(5, rng)
     assert sum(e.iters for e in pool.entries) == 0

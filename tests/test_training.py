@@ -316,6 +316,20 @@ def test_stage2_race_trains_against_bpda(tmp_path: Path, synth: Path, victim: Pa
     assert 0 < pool["buffers"]["pool"]["iters"].sum() <= 2 * RACE["draw"] * RACE["iters"]  # refreshed ones restart
 
 
+def test_an_apgd_race_keeps_each_pool_patchs_step(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
+    race = {**RACE, "method": "apgd", "iters": 5, "eval_method": "apgd"}
+    r = recipe(tmp_path, synth, victim, cache=str(stage1.parent.parent / "cache"), race=race, steps=1, eval_every=1)
+    assert train_detector_stage2(r, init=stage1, eval_videos=4).steps == 1
+    pool, _ = load_checkpoint(tmp_path / "run" / "detector-stage2-state.pt")
+    drawn = pool["buffers"]["pool"]["iters"] > 0
+    steps = pool["buffers"]["pool"]["step"]
+    started_or_halved = torch.isclose(steps[drawn, None], torch.tensor([0.4, 0.2], dtype=steps.dtype), atol=1e-6).any(1)
+    assert drawn.any() and started_or_halved.all() and not steps[~drawn].any()
+    with pytest.raises(ConfigError, match="multiple of 5"):
+        bad = recipe(tmp_path / "b", synth, victim, cache=str(stage1.parent.parent / "cache"), race={**race, "iters": 4}, steps=1)
+        train_detector_stage2(bad, init=stage1, eval_videos=4)
+
+
 def test_race_validation_clips_are_training_clips_the_pool_never_draws(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
     from streamguard.training.attack_cache import load_downstream
     from streamguard.training.core import recipe_dataset

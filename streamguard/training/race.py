@@ -160,6 +160,7 @@ def patch_attack(
     step: float = 0.2,
     method: str = "pgd",
     state: AttackState | None = None,
+    steps: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, AttackState | None]:
     """Continue an untargeted masked attack on clips ``x`` (N, 3, T, H, W) with targets ``y`` (labels
     (N,), or a frame detector's boxes: :func:`task_for`), masks (N, 1, T, H, W), from content ``z``
@@ -169,7 +170,9 @@ def patch_attack(
     update with momentum and a per-clip step (starting at ``2 * step``) halved at checkpoints every
     :data:`CHECKPOINT` iterations where fewer than 3/4 of the steps since raised the loss; it returns
     the best content found. Given the returned ``state`` it goes on from its last iterate (``z`` is
-    ignored): continuing is the same as one longer attack. The model and the defense are not changed (their parameters get
+    ignored): continuing is the same as one longer attack. ``steps`` (N,) starts a fresh ``apgd`` at
+    these per-clip steps instead: a warm-started pool patch keeps the step its attack has decayed to,
+    the part of AutoPGD's state that stays valid when the detector it was made against has changed. The model and the defense are not changed (their parameters get
     no gradient).
     """
     frozen = [p for m in (model, defense) if m is not None for p in m.parameters() if p.requires_grad]
@@ -180,7 +183,7 @@ def patch_attack(
         if method == "pgd":
             return (*_pgd(task, defense, x, y, mask, z, iters, step), None)
         if method == "apgd":
-            return _apgd(task, defense, x, y, mask, z, iters, step, state)
+            return _apgd(task, defense, x, y, mask, z, iters, step, state, steps)
         raise ValueError(f"unknown attack method {method!r} (pgd, apgd)")
     finally:
         for p in frozen:
@@ -206,14 +209,15 @@ def _pgd(task: Task, defense: nn.Module | None, x: Tensor, y: Any, mask: Tensor,
 
 def _apgd(
     task: Task, defense: nn.Module | None, x: Tensor, y: Any, mask: Tensor, z: Tensor, iters: int, step: float,
-    state: AttackState | None,
+    state: AttackState | None, steps: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, AttackState]:
     z = z.detach()
     n = len(x)
     if state is None:
         with torch.no_grad():
             loss = _objective(task, defense, x, y, mask, z)
-        state = AttackState(torch.full((n,), 2 * step), loss, z.clone(), z.clone(), z)
+        start = torch.full((n,), 2 * step) if steps is None else steps.to(loss.device, torch.float32)
+        state = AttackState(start, loss, z.clone(), z.clone(), z)
         state.checkpoint_loss, state.improved = loss.clone(), torch.zeros(n)
     z = state.current
     every = CHECKPOINT
@@ -251,6 +255,7 @@ class PoolEntry:
     iters: int = 0
     draws: int = 0
     fooled: bool = False
+    step: float = 0.0  # apgd: the step its attack has decayed to (0: not attacked yet)
 
 
 class PatchPool:
@@ -288,10 +293,14 @@ class PatchPool:
             "iters": torch.tensor([e.iters for e in self.entries]),
             "draws": torch.tensor([e.draws for e in self.entries]),
             "fooled": torch.tensor([e.fooled for e in self.entries]),
+            "step": torch.tensor([e.step for e in self.entries], dtype=torch.float64),
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        steps = state.get("step", torch.zeros(len(state["video"])))  # races saved before the step was kept
         self.entries = [
-            PoolEntry(int(v), m.float(), c.clone(), int(i), int(d), bool(f))
-            for v, m, c, i, d, f in zip(state["video"], state["mask"], state["content"], state["iters"], state["draws"], state["fooled"])
+            PoolEntry(int(v), m.float(), c.clone(), int(i), int(d), bool(f), float(s))
+            for v, m, c, i, d, f, s in zip(
+                state["video"], state["mask"], state["content"], state["iters"], state["draws"], state["fooled"], steps
+            )
         ]

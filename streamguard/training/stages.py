@@ -46,7 +46,7 @@ from .core import (
     write_sidecar,
 )
 from .distributed import Dist, data_parallel, init_distributed
-from .race import PatchPool, PoolEntry, patch_attack, task_for
+from .race import CHECKPOINT, PatchPool, PoolEntry, patch_attack, task_for
 
 
 def _detector(recipe: Recipe, detector_kwargs: dict[str, Any] | None) -> nn.Module:
@@ -286,9 +286,10 @@ def train_detector_stage2(
 
 
 def race_score(
-    model: nn.Module, defense: nn.Module, x: Tensor, y: Any, mask: Tensor, z0: Tensor, iters: int, step: float
+    model: nn.Module, defense: nn.Module, x: Tensor, y: Any, mask: Tensor, z0: Tensor, iters: int, step: float,
+    method: str = "pgd",
 ) -> dict[str, float]:
-    """The held-out race: a fresh masked BPDA PGD (from content ``z0``) through ``defense``; the
+    """The held-out race: a fresh masked BPDA attack (``method``, from content ``z0``) through ``defense``; the
     task's clean and robust score (``clean_acc``/``robust_acc``: top-1 of a clip classifier;
     ``clean_ap50``/``robust_ap50``: box AP50 of a frame detector) and the patch pixels' recall and
     precision under the attack, and ``clean_fpr``, the fraction of the clean clips' pixels it masks (a
@@ -297,7 +298,7 @@ def race_score(
 
     task = task_for(model)
     defense.eval()
-    z, _, _ = patch_attack(model, defense, x, y, mask, z0, iters, step)
+    z, _, _ = patch_attack(model, defense, x, y, mask, z0, iters, step, method)
     adv = x * (1 - mask) + mask * z
     with torch.no_grad():
         sanitized, clean_found = defense.sanitize(x)
@@ -372,6 +373,8 @@ def _race(
     from ..patchzero import load_defense
 
     t, r = recipe.train, recipe.train.race
+    if r.method == "apgd" and r.iters % CHECKPOINT:
+        raise ConfigError(f"train.race.iters must be a multiple of {CHECKPOINT} with method apgd, so every draw adapts its step")
     task = task_for(model)
     clips = _task_clips(recipe, model, "train")
     train_ds = InMemory(Subset(clips, race_split(recipe, len(clips), eval_videos or t.eval_videos)[0]))
@@ -444,13 +447,18 @@ def _race(
         m = torch.stack([e.mask for e in entries]).to(dev)
         detector.eval()
         z0 = torch.stack([e.content for e in entries]).to(dev)
-        z, _, _ = patch_attack(model, bpda, x[share], y[share], m[share], z0[share], r.iters, recipe.attack.step, r.method)
+        steps = torch.tensor([e.step or 2 * recipe.attack.step for e in entries])
+        z, _, state = patch_attack(model, bpda, x[share], y[share], m[share], z0[share], r.iters, recipe.attack.step, r.method,
+                                   steps=steps[share] if r.method == "apgd" else None)  # fmt: skip
         z = ddp.gather(z.detach(), len(x))
+        if state is not None:
+            steps = ddp.gather(state.step.to(dev), len(x)).cpu()
         adv = x * (1 - m) + m * z
         with torch.no_grad():
             fooled = task.fooled(bpda(adv), y).tolist()
-        for e, content, f in zip(entries, z.cpu(), fooled):
+        for e, content, f, s in zip(entries, z.cpu(), fooled, steps.tolist()):
             e.content, e.iters, e.draws, e.fooled = content, e.iters + r.iters, e.draws + 1, bool(f)
+            e.step = s if r.method == "apgd" else 0.0
         pool.refresh(int(r.refresh) + int(rng.random() < r.refresh % 1), rng)
         xb, mb = paste_procedural(recipe, bases(), r.procedural, rng)
         clips, masks = [adv, xb.to(dev)], [m, mb.to(dev)]
@@ -470,7 +478,7 @@ def _race(
                 "pool_iters": float(np.mean([e.iters for e in pool.entries]))}  # fmt: skip
 
     def eval_fn(step: int) -> dict[str, float]:
-        scores = race_score(model, bpda_judged, ex, ey, emask, ez0, r.eval_iters, recipe.attack.step)
+        scores = race_score(model, bpda_judged, ex, ey, emask, ez0, r.eval_iters, recipe.attack.step, r.eval_method)
         scores["benign_fpr"] = benign_fpr(bpda_judged, benign_eval)
         clean, robust = scores[f"clean_{task.metric}"], scores[f"robust_{task.metric}"]
         ok = clean >= run.extra["start_clean"] - 0.02 and max(scores["benign_fpr"], scores["clean_fpr"]) <= r.max_benign_fpr
