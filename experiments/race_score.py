@@ -3,7 +3,7 @@
     python experiments/race_score.py WEIGHTS [WEIGHTS...] [--recipe synth-detect] [--clips N] [--json OUT]
 
 For each weights (a shipped name or a checkpoint): a fresh ``train.race.eval_iters``-iteration masked
-BPDA PGD on ``--clips`` (default ``train.eval_videos``) validation clips of the training split, with
+BPDA attack (``train.race.eval_method``) on ``--clips`` (default ``train.eval_videos``) validation clips of the training split, with
 the masks and start content of ``train.seed`` (``held_out_race``; before commit 4f157d6 these were
 test clips), through PatchZero at the recipe's working scale; then
 the clean and robust score (top-1, or box AP50 for a frame detector), the patch pixels' recall and
@@ -48,12 +48,13 @@ def main() -> None:
     for weights in args.weights:
         start = time.perf_counter()
         defense = build_defense(rec.defense, weights=weights, mean=model.spec.mean, bpda=True, input_size=rec.data.size).eval()
-        scores = race_score(model, defense, x, y, mask, z0, rec.train.race.eval_iters, rec.attack.step)
+        scores = race_score(model, defense, x, y, mask, z0, rec.train.race.eval_iters, rec.attack.step, rec.train.race.eval_method)
         scores["benign_fpr"] = benign_fpr(defense, benign)
         results[weights] = {**scores, "seconds": round(time.perf_counter() - start, 1)}
         print(weights, {k: round(v, 4) for k, v in results[weights].items()}, flush=True)
     if args.json:
-        settings = {"recipe": rec.name, "clips": len(x), "iters": rec.train.race.eval_iters, "seed": rec.train.seed}
+        settings = {"recipe": rec.name, "clips": len(x), "iters": rec.train.race.eval_iters, "method": rec.train.race.eval_method,
+                    "seed": rec.train.seed}
         args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
 
 

@@ -3,7 +3,7 @@
     python scripts/plot_race.py runs/train/synth-clip/detector-stage2.pt results/race.png
 
 Reads the history the stage-2 race stores in its checkpoint's meta (every ``train.eval_every`` steps:
-a fresh BPDA PGD on the held-out race clips) and draws it with OpenCV (no plotting library needed).
+a fresh BPDA attack on the held-out race clips) and draws it with OpenCV (no plotting library needed).
 Writes the history beside the picture (``results/race.json``), keeping any other keys that file has.
 """
 
@@ -63,7 +63,10 @@ def main() -> None:
     if not history:
         raise SystemExit(f"{args.checkpoint}: no race history in its metadata")
     best = extra.get("best_step", meta.get("best_step"))
-    title = f"held-out race: fresh BPDA PGD on {meta.get('recipe', {}).get('train', {}).get('eval_videos', '?')} clips"
+    train = meta.get("recipe", {}).get("train", {})
+    race = train.get("race", {})
+    attack = {"pgd": "PGD", "apgd": "AutoPGD"}[race.get("eval_method", "pgd")]
+    title = f"held-out race: fresh {race.get('eval_iters', 20)}-iteration BPDA {attack} on {train.get('eval_videos', '?')} clips"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(args.output), draw(history, best, title)[..., ::-1])
     record = args.output.with_suffix(".json")  # a results JSON of the same name keeps its other keys (command, sha256)
