@@ -1,11 +1,12 @@
 """Is a warm-started pool patch as strong as a fresh attack with as many iterations? (issue #16)
 
-    python experiments/pool_strength.py runs/train/race-v3/detector-stage2-state.pt [--recipe synth-clip]
+    python experiments/pool_strength.py runs/train/race-v3/detector-stage2-state.pt [--recipe synth-clip] [--method apgd]
 
 Takes the race's saved state (the detector at that step and its ``PatchPool``), picks the ``--clips``
 pool entries with the most accumulated BPDA iterations (at least ``--min-iters``), and on those clips
-and masks, against that same detector, compares the stored pool content with fresh masked PGD from
-random content (seed 0) of ``--iters`` iterations (default: the pool entries' median accumulated count)
+and masks, against that same detector, compares the stored pool content with a fresh masked attack
+(``--method``: PGD, or AutoPGD for a race whose pool is AutoPGD's) from random content (seed 0) of
+``--iters`` iterations (default: the pool entries' median accumulated count)
 and 20 iterations. Prints fooled fraction and mean cross-entropy of each; ``--json`` writes them.
 """
 
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--min-iters", type=int, default=40)
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--method", choices=("pgd", "apgd"), default="pgd")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -68,9 +70,9 @@ def main() -> None:
     rows = {"pool": score(torch.stack([e.content for e in ranked]))}
     for n in sorted({20, iters}):
         tic = time.perf_counter()
-        z, _, _ = patch_attack(model, bpda, x, y, m, z0, n, rec.attack.step)
+        z, _, _ = patch_attack(model, bpda, x, y, m, z0, n, rec.attack.step, args.method)
         rows[f"fresh {n}"] = {**score(z), "seconds": round(time.perf_counter() - tic, 1)}
-    result = {"state": args.state, "step": meta.get("step"), "clips": len(ranked), "pool_iters": accumulated,
+    result = {"state": args.state, "step": meta.get("step"), "method": args.method, "clips": len(ranked), "pool_iters": accumulated,
               "median_pool_iters": int(np.median(accumulated)), "rows": rows}  # fmt: skip
     print(f"race step {meta.get('step')}: {len(ranked)} pool entries, accumulated iterations "
           f"{min(accumulated)}-{max(accumulated)} (median {result['median_pool_iters']})")
