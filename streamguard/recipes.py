@@ -161,7 +161,8 @@ class RaceTrainSection:
     refresh: float = 0.15  # pool entries replaced by fresh ones (new place, random content) per step, on average:
     # an entry then lives about pool / refresh steps, drawn draw / refresh times (64 / 0.15 x 4 / 64: ~27 draws, ~107 iterations)
     method: Literal["pgd", "apgd"] = "pgd"  # apgd: each entry keeps the step its attack has decayed to across draws,
-    # halved at a draw's end when the loss stalled (iters a multiple of race.CHECKPOINT, 5, so every draw checks)
+    # halved at a draw's end when the loss stalled (iters a multiple of race.CHECKPOINT, 5, so every draw checks).
+    # Measured: against a moving detector nearly every draw stalls, so the pool freezes (docs/results.md, a race against AutoPGD)
     do: int = 0  # cached DO clips per step (the stage-1 cache), so the DO rows do not regress
     procedural: int = 1  # procedural patches per step ([train.patches] textures)
     benign: int = 2
