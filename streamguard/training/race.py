@@ -171,9 +171,9 @@ def patch_attack(
     :data:`CHECKPOINT` iterations where fewer than 3/4 of the steps since raised the loss; it returns
     the best content found. Given the returned ``state`` it goes on from its last iterate (``z`` is
     ignored): continuing is the same as one longer attack. ``steps`` (N,) starts a fresh ``apgd`` at
-    these per-clip steps instead: a warm-started pool patch keeps the step its attack has decayed to,
-    the part of AutoPGD's state that stays valid when the detector it was made against has changed. The model and the defense are not changed (their parameters get
-    no gradient).
+    these per-clip steps instead (a pool patch's kept step; against a detector that changes between
+    draws nearly every draw stalls, so such a pool freezes: docs/results.md, a race against AutoPGD).
+    The model and the defense are not changed (their parameters get no gradient).
     """
     frozen = [p for m in (model, defense) if m is not None for p in m.parameters() if p.requires_grad]
     for p in frozen:
