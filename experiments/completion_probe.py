@@ -1,7 +1,7 @@
 """Shape completion and dilation, chosen on the race's validation clips (issue #16).
 
     python experiments/completion_probe.py [WEIGHTS] [--recipe synth-clip] [--clips 48] [--iters N]
-        [--method pgd|apgd] [--area A] [--settings none:3 hull:3 box:3 ...] [--json OUT]
+        [--method pgd|apgd] [--area A] [--settings none:3 hull:3 box:3 ...] [--temporal mean|median] [--json OUT]
 
 For each setting ``COMPLETE:DILATE[:LOW]`` (``complete`` none, hull or box; ``dilate`` in working-scale
 pixels; ``LOW``, a trial not in the product: hysteresis, the mask grown from the pixels above the
@@ -16,7 +16,8 @@ downstream-only attack of the same method and iterations, made once against the 
 through the setting (``do_*``: what over-masking costs when the detector finds the patch). Then, for
 every completed setting, the attack made against ``none`` at the same dilation judged through it (a
 transfer: the attacker who ignores completion). ``--area`` draws every patch at that area instead of
-``train.area_range`` (Table 4's columns are 5% and 10%).
+``train.area_range`` (Table 4's columns are 5% and 10%). ``--temporal`` fuses the clip's logits another
+way in every setting (``defense.temporal``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--area", type=float, default=None)
     parser.add_argument("--settings", nargs="+", default=["none:3", "hull:3", "box:3"])
     parser.add_argument("--near", type=int, default=1)
+    parser.add_argument("--temporal", default=None, help="defense.temporal for every setting (default: the recipe's)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rec = load_recipe(args.recipe)
@@ -89,7 +91,8 @@ def main() -> None:
     def build(setting: str) -> torch.nn.Module:
         complete, dilate, *low = setting.split(":")
         defense = build_defense(rec.defense, weights=weights, mean=model.spec.mean, bpda=True, input_size=rec.data.size,
-                                complete=complete, dilate=int(dilate)).eval()  # fmt: skip
+                                complete=complete, dilate=int(dilate),
+                                **({"temporal": args.temporal} if args.temporal else {})).eval()  # fmt: skip
         if low:
             defense.__class__, defense.low = Hysteresis, float(low[0])
         return defense
@@ -126,7 +129,8 @@ def main() -> None:
             print(f"{plain} -> {setting}", {k: round(v, 4) for k, v in results[f"{plain} -> {setting}"].items()}, flush=True)
     if args.json:
         settings = {"recipe": rec.name, "weights": weights, "clips": len(x), "method": args.method, "iters": iters,
-                    "area": args.area, "near": args.near, "seed": rec.train.seed}  # fmt: skip
+                    "area": args.area, "near": args.near, "temporal": args.temporal or rec.defense.temporal,
+                    "seed": rec.train.seed}  # fmt: skip
         args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
 
 

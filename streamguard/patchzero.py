@@ -37,8 +37,8 @@ from .resize import refresh_region, resize_frames, resize_uint8
 if TYPE_CHECKING:
     from .recipes import DefenseSection
 
-Temporal = Literal["mean", "none", "ema"]
-TEMPORAL: tuple[str, ...] = ("mean", "none", "ema")
+Temporal = Literal["mean", "none", "ema", "median"]
+TEMPORAL: tuple[str, ...] = ("mean", "none", "ema", "median")
 Complete = Literal["none", "hull", "box"]
 COMPLETE: tuple[str, ...] = ("none", "hull", "box")
 
@@ -111,6 +111,10 @@ class PatchZero(nn.Module):
     one stream, ``s <- ema*s + (1-ema)*fused``: the N clips of a batch are consecutive clips and the
     average runs through them in order, then on into the next call (for live streams; ``reset()``
     clears it, a change of frame size restarts it, :meth:`fork` gives another stream its own);
+    "median" takes the median of the T frames' logits instead of their mean: a patch seen in most
+    frames stays masked however far an attacker drives its logits down in the others, and a
+    one-frame false alarm does not mask the clip (its gradient reaches one frame a pixel, so the
+    evaluation's ``mean-fused`` variant attacks it through the mean as well);
     "none" masks each frame on its own.
     The mask is ``sigmoid(logit) > threshold`` dilated by ``dilate`` pixels, then with ``complete``
     each of its regions filled to its convex hull or bounding box (:func:`complete_mask`).
@@ -315,6 +319,8 @@ class PatchZero(nn.Module):
         logits = self._frame_logits(clips)
         if self.temporal == "none":
             return logits
+        if self.temporal == "median":  # (N,1,1,h,w): robust to frames an attacker drives far below the threshold
+            return logits.median(dim=2, keepdim=True).values
         fused = logits.mean(dim=2, keepdim=True)  # (N,1,1,h,w): one mask for the clip
         if self.temporal == "ema":
             state = self._state if self._state is not None and self._state.shape == fused.shape[1:] else None

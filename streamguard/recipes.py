@@ -46,7 +46,7 @@ class DefenseSection:
     refine: bool = False  # PSPNet with a stride-4 refinement decoder (False: the paper's plain PSPNet)
     threshold: float = 0.5
     dilate: int = 3
-    temporal: Literal["mean", "none", "ema"] = "mean"
+    temporal: Literal["mean", "none", "ema", "median"] = "mean"
     ema: float = 0.5
     complete: Literal["none", "hull", "box"] | None = None  # shape completion; default: the weights'
 

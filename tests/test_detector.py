@@ -198,6 +198,26 @@ def test_temporal_mean_catches_intermittent_patch_and_does_not_flicker() -> None
     assert per_frame[1, 0, :, 1, 1].tolist() == [0, 0, 1, 0, 0, 0, 0, 0]
 
 
+def test_temporal_median_is_not_swayed_by_a_few_frames_driven_far_below_the_threshold() -> None:
+    n, t, h, w = 2, 8, 16, 16
+    logits = clip_logits(n, t, h, w).view(n, t, 1, h, w)
+    logits[0, :, :, 6:10, 6:10] = 2.0  # a patch seen in every frame...
+    logits[0, [0, 3], :, 6:10, 6:10] = -40.0  # ...that an attacker hides deep in 2 of 8: mean = -8.5 < 0
+    logits[1, 2, :, 0:3, 0:3] = 60.0  # a one-frame false alarm confident enough to sway the mean
+    logits = logits.view(n * t, 1, h, w)
+    x = torch.rand(n, 3, t, h, w)
+    median = PatchZero(StubDetector(logits), MEAN, dilate=0, temporal="median")
+    mean = PatchZero(StubDetector(logits), MEAN, dilate=0, temporal="mean")
+    assert median.mask(x)[0, 0, :, 6:10, 6:10].all() and not mean.mask(x)[0, 0, :, 6:10, 6:10].any()
+    assert not median.mask(x)[1].any() and mean.mask(x)[1, 0, :, 0:3, 0:3].all()
+    # the gradient of the fused logits reaches one frame a pixel (the "mean-fused" attack variant spreads it)
+    x.requires_grad_(True)
+    median.detector.gain = mean.detector.gain = 1e-3
+    (grad_median,) = torch.autograd.grad(median.logits(x)[:, :, 0].sum(), x)
+    (grad_mean,) = torch.autograd.grad(mean.logits(x)[:, :, 0].sum(), x)
+    assert grad_median[:, 0].ne(0).sum(dim=1).eq(1).all() and grad_mean[:, 0].ne(0).all()
+
+
 def test_input_size_resizes_in_and_back() -> None:
     seen: list[tuple[int, int]] = []
 
@@ -250,7 +270,7 @@ def test_config_validation() -> None:
     for kwargs, field in [
         ({"threshold": 1.0}, "threshold"),
         ({"dilate": -1}, "dilate"),
-        ({"temporal": "median"}, "temporal"),
+        ({"temporal": "max"}, "temporal"),
         ({"ema": 1.0}, "ema"),
         ({"mean": (0.5, 0.5)}, "mean"),
     ]:

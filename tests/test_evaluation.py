@@ -404,28 +404,31 @@ def test_adaptive_variants_are_run_and_the_worst_case_reported(tmp_path: Path) -
     save_defense(PatchZero(PSPNet("resnet18", width=0.1, aux=False), (GRAY,) * 3), other)
     r = _recipe(tmp_path / "out")
     r.evaluate.defenses = ["none", "patchzero"]
-    r.evaluate.bpda_variants, r.evaluate.transfer_detector = ["t1", "identity", "iters100", "transfer", "uncompleted"], str(other)
+    variants = ["t1", "identity", "iters100", "transfer", "uncompleted", "mean-fused", "mean-fused+iters100"]
+    r.evaluate.bpda_variants, r.evaluate.transfer_detector = variants, str(other)
     patchzero = _patchzero()
-    patchzero.complete = "box"
+    patchzero.complete, patchzero.temporal = "box", "median"
     report = evaluate(r, model=_model(), patchzero=patchzero, dataset=CountingClips([0, 1, 2, 0]))
-    assert patchzero.complete == "box"  # the uncompleted variant gives completion back
+    assert (patchzero.complete, patchzero.temporal) == ("box", "median")  # the variants give them back
     keys = {rec["attack"] for rec in report.samples if rec["defense"] == "patchzero"}
     assert keys == {"clean", "pgd-0.1-do", "pgd-0.1-bpda", "pgd-0.1-bpda-t1", "pgd-0.1-bpda-identity",
-                    "pgd-0.1-bpda-iters100", "pgd-0.1-bpda-transfer", "pgd-0.1-bpda-uncompleted"}  # fmt: skip
+                    "pgd-0.1-bpda-iters100", "pgd-0.1-bpda-transfer", "pgd-0.1-bpda-uncompleted",
+                    "pgd-0.1-bpda-mean-fused", "pgd-0.1-bpda-mean-fused+iters100"}  # fmt: skip
     bpda = [k for k in keys if "bpda" in k]
     worst = report.worst_accuracy("patchzero", bpda)
     assert worst <= min(report.accuracy("patchzero", k) for k in bpda)
     header, rows = variant_rows(report)
-    assert [row[0] for row in rows] == ["BPDA (temperature 4)", "t1", "identity", "iters100", "transfer", "uncompleted", "worst case (per video)",
+    assert [row[0] for row in rows] == ["BPDA (temperature 4)", *variants, "worst case (per video)",
                                         "worst case without iters100 (2 iterations)"]  # fmt: skip
     assert rows[-2][1] == f"{100 * worst:.1f}"
-    short = report.worst_accuracy("patchzero", [k for k in bpda if not k.endswith("iters100")])
+    short = report.worst_accuracy("patchzero", [k for k in bpda if "iters100" not in k])
     assert rows[-1][1] == f"{100 * short:.1f}" and short >= worst
     assert table4_rows(report)[1][-1][-1].startswith(f"{100 * worst:.1f} ")  # the BPDA row is the worst case
     assert "Adaptive attacks on PatchZero" in report_markdown(report)
-    r.evaluate.bpda_variants = ["bogus"]
-    with pytest.raises(ConfigError, match="bpda_variants"):
-        evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0]))
+    for bad in (["bogus"], ["mean-fused+bogus"], ["identity+mean-fused"]):
+        r.evaluate.bpda_variants = bad
+        with pytest.raises(ConfigError, match="bpda_variants"):
+            evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0]))
 
 
 def test_cli_evaluate_on_synthmotion(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ def test_defaults_fill_missing_sections() -> None:
         ({"attack": {"iters": "20"}}, "attack.iters: expected int"),
         ({"attack": {"itres": 20}}, "attack.itres: unknown key"),
         ({"bogus": {}}, "bogus: unknown key"),
-        ({"defense": {"temporal": "median"}}, "defense.temporal: expected one of"),
+        ({"defense": {"temporal": "max"}}, "defense.temporal: expected one of"),
         ({"attack": {"areas": [0.05, "x"]}}, "attack.areas[1]: expected float"),
         ({"attack": {"random_init": 1}}, "attack.random_init: expected bool"),
         ({"pipeline": {"batch": True}}, "pipeline.batch: expected int"),

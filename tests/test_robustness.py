@@ -396,7 +396,7 @@ def test_shipped_weights_with_a_wrong_hash_are_refused(tmp_path: Path, detector:
         ("[model]\nname = 3\n", "model.name"),
         ("colour = true\n", "colour"),
         ("[defense\nthreshold = 0.4\n", "not valid TOML"),
-        ("[defense]\ntemporal = \"median\"\n", "defense.temporal"),
+        ("[defense]\ntemporal = \"max\"\n", "defense.temporal"),
     ],
 )
 def test_bad_recipe_names_the_field(toml: str, field: str, tmp_path: Path, detector: Path) -> None:

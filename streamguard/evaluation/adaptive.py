@@ -13,7 +13,13 @@ BPDA attack (the defense's own soft mask, sigmoid temperature 4), each variant o
   scored through the real one;
 * ``uncompleted``: BPDA through the same defense without shape completion (``complete = "none"``;
   the attacker ignores it, in case its identity approximation misleads the plain attack), scored
-  through the real one.
+  through the real one;
+* ``mean-fused``: BPDA through the same defense with the clip's logits averaged over time
+  (``temporal = "mean"``) instead of its own fusion, scored through the real one: a median over
+  frames passes the gradient to one frame a pixel, which may mislead the plain attack; the mean
+  spreads it over all of them.
+
+Variants combine with ``+`` (``mean-fused+iters100``), applied left to right.
 
 A video counts as robust only if it survives every variant (:meth:`Report.worst_accuracy`).
 """
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from torch import Tensor, nn
@@ -30,7 +36,12 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..recipes import AttackSection
 
-VARIANTS: tuple[str, ...] = ("t1", "identity", "iters100", "restarts", "transfer", "uncompleted")
+VARIANTS: tuple[str, ...] = ("t1", "identity", "iters100", "restarts", "transfer", "uncompleted", "mean-fused")
+_SETTINGS: dict[str, tuple[str, Any]] = {  # variants that change one PatchZero setting: (attribute, value)
+    "t1": ("temperature", 1.0),
+    "uncompleted": ("complete", "none"),
+    "mean-fused": ("temporal", "mean"),
+}
 
 
 class IdentityBackward(nn.Module):
@@ -53,15 +64,35 @@ class IdentityBackward(nn.Module):
 
 @contextmanager
 def variant(name: str, defense: nn.Module, section: AttackSection, transfer: nn.Module | None) -> Iterator[tuple[nn.Module, AttackSection]]:
-    """The defense to attack through and the attack settings of variant ``name`` ("" = plain BPDA)."""
-    if name == "":
-        yield defense, section
-    elif name == "t1":
-        previous, defense.temperature = defense.temperature, 1.0
-        try:
+    """The defense to attack through and the attack settings of variant ``name`` ("" = plain BPDA).
+
+    Variants combine with ``+``, applied left to right (``mean-fused+iters100``: 100 iterations through
+    the mean-fused defense)."""
+    with ExitStack() as stack:
+        through = defense
+        for part in filter(None, name.split("+")):
+            through, section = stack.enter_context(_one_variant(part, through, section, transfer))
+        yield through, section
+
+
+@contextmanager
+def _setting(defense: nn.Module, name: str, attr: str, value: Any) -> Iterator[None]:
+    """``defense.attr = value`` for the duration (a variant that changes one PatchZero setting)."""
+    if not hasattr(defense, attr):
+        raise ConfigError(f"evaluate.bpda_variants: {name!r} cannot follow a variant that replaces the defense")
+    previous = getattr(defense, attr)
+    setattr(defense, attr, value)
+    try:
+        yield
+    finally:
+        setattr(defense, attr, previous)
+
+
+@contextmanager
+def _one_variant(name: str, defense: nn.Module, section: AttackSection, transfer: nn.Module | None) -> Iterator[tuple[nn.Module, AttackSection]]:
+    if name in _SETTINGS:
+        with _setting(defense, name, *_SETTINGS[name]):
             yield defense, section
-        finally:
-            defense.temperature = previous
     elif name == "identity":
         yield IdentityBackward(defense), section
     elif name == "iters100":
@@ -72,19 +103,18 @@ def variant(name: str, defense: nn.Module, section: AttackSection, transfer: nn.
         if transfer is None:
             raise ConfigError("evaluate.bpda_variants has 'transfer' but evaluate.transfer_detector is not set")
         yield transfer, section
-    elif name == "uncompleted":
-        previous, defense.complete = defense.complete, "none"
-        try:
-            yield defense, section
-        finally:
-            defense.complete = previous
     else:
         raise ConfigError(f"evaluate.bpda_variants: unknown {name!r} (expected one of: {', '.join(VARIANTS)})")
 
 
 def check_variants(names: list[str], transfer: Any) -> None:
+    parts = [part for name in names for part in name.split("+")]
+    for part in parts:
+        if part not in VARIANTS:
+            raise ConfigError(f"evaluate.bpda_variants: unknown {part!r} (expected one of: {', '.join(VARIANTS)}, or several joined by '+')")
     for name in names:
-        if name not in VARIANTS:
-            raise ConfigError(f"evaluate.bpda_variants: unknown {name!r} (expected one of: {', '.join(VARIANTS)})")
-    if "transfer" in names and not transfer:
+        parts_of = name.split("+")
+        if "identity" in parts_of and set(parts_of[parts_of.index("identity") + 1 :]) & set(_SETTINGS):
+            raise ConfigError(f"evaluate.bpda_variants: in {name!r} a PatchZero setting follows 'identity', which replaces the defense")
+    if "transfer" in parts and not transfer:
         raise ConfigError("evaluate.bpda_variants has 'transfer' but evaluate.transfer_detector is not set")
