@@ -431,6 +431,19 @@ def test_adaptive_variants_are_run_and_the_worst_case_reported(tmp_path: Path) -
             evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0]))
 
 
+def test_combined_variants_apply_every_part_and_give_the_settings_back() -> None:
+    from streamguard.evaluation.adaptive import IdentityBackward, variant
+    from streamguard.recipes import AttackSection
+
+    defense, section = _patchzero(), AttackSection(iters=4)
+    defense.temporal, defense.temperature = "median", 4.0
+    with variant("mean-fused+iters100", defense, section, None) as (through, attack):
+        assert through is defense and defense.temporal == "mean" and attack.iters == 20
+    with variant("t1+identity", defense, section, None) as (through, attack):
+        assert isinstance(through, IdentityBackward) and defense.temperature == 1.0 and attack.iters == 4
+    assert (defense.temporal, defense.temperature, section.iters) == ("median", 4.0, 4)
+
+
 def test_cli_evaluate_on_synthmotion(tmp_path: Path) -> None:
     """End to end: a recipe over a SynthMotion root that does not exist yet, saved tiny networks."""
     from typer.testing import CliRunner

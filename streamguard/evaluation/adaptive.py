@@ -76,10 +76,8 @@ def variant(name: str, defense: nn.Module, section: AttackSection, transfer: nn.
 
 
 @contextmanager
-def _setting(defense: nn.Module, name: str, attr: str, value: Any) -> Iterator[None]:
+def _setting(defense: nn.Module, attr: str, value: Any) -> Iterator[None]:
     """``defense.attr = value`` for the duration (a variant that changes one PatchZero setting)."""
-    if not hasattr(defense, attr):
-        raise ConfigError(f"evaluate.bpda_variants: {name!r} cannot follow a variant that replaces the defense")
     previous = getattr(defense, attr)
     setattr(defense, attr, value)
     try:
@@ -91,7 +89,7 @@ def _setting(defense: nn.Module, name: str, attr: str, value: Any) -> Iterator[N
 @contextmanager
 def _one_variant(name: str, defense: nn.Module, section: AttackSection, transfer: nn.Module | None) -> Iterator[tuple[nn.Module, AttackSection]]:
     if name in _SETTINGS:
-        with _setting(defense, name, *_SETTINGS[name]):
+        with _setting(defense, *_SETTINGS[name]):
             yield defense, section
     elif name == "identity":
         yield IdentityBackward(defense), section
@@ -108,13 +106,12 @@ def _one_variant(name: str, defense: nn.Module, section: AttackSection, transfer
 
 
 def check_variants(names: list[str], transfer: Any) -> None:
-    parts = [part for name in names for part in name.split("+")]
-    for part in parts:
-        if part not in VARIANTS:
-            raise ConfigError(f"evaluate.bpda_variants: unknown {part!r} (expected one of: {', '.join(VARIANTS)}, or several joined by '+')")
     for name in names:
-        parts_of = name.split("+")
-        if "identity" in parts_of and set(parts_of[parts_of.index("identity") + 1 :]) & set(_SETTINGS):
+        parts = name.split("+")
+        for part in parts:
+            if part not in VARIANTS:
+                raise ConfigError(f"evaluate.bpda_variants: unknown {part!r} (expected one of: {', '.join(VARIANTS)}, or several joined by '+')")
+        if "identity" in parts and set(parts[parts.index("identity") + 1 :]) & set(_SETTINGS):
             raise ConfigError(f"evaluate.bpda_variants: in {name!r} a PatchZero setting follows 'identity', which replaces the defense")
-    if "transfer" in parts and not transfer:
-        raise ConfigError("evaluate.bpda_variants has 'transfer' but evaluate.transfer_detector is not set")
+        if "transfer" in parts and not transfer:
+            raise ConfigError("evaluate.bpda_variants has 'transfer' but evaluate.transfer_detector is not set")
