@@ -171,9 +171,12 @@ class RaceTrainSection:
     edge_px: int = 2
     hard: int = 0  # clean footage clips a step mined from those the detector comes nearest to masking (hard negatives)
     hard_task: int = 0  # clean clips of the task's own training videos a step, mined the same way
+    uncompleted: int = 0  # pool slots (the first ones) whose attacks go through the defense without shape completion
+    step_halflife: int = 0  # pgd: a pool patch's step halves every this many iterations it has accumulated (0: fixed)
     average: float = 0.0  # if set, the decay of a moving average of the detector's weights, which is what is scored and kept
     eval_iters: int = 20  # the held-out race: a fresh BPDA attack of this many iterations on train.eval_videos clips
     eval_method: Literal["pgd", "apgd"] = "pgd"  # ... and its method
+    eval_uncompleted: bool = False  # ... through the defense without shape completion, scored through the real one
     max_benign_fpr: float = 1.0  # a checkpoint is kept as the best only if it masks at most this fraction of the pixels
     # of the held-out benign clips and of the clean validation clips
 

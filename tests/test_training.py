@@ -438,6 +438,58 @@ def test_stage2_race_mines_the_tasks_own_clean_clips(tmp_path: Path, synth: Path
     assert 0 <= int(mined.min()) and int(mined.max()) < n_pool and len(buffers["hard"]) == 0
 
 
+def test_race_attacks_its_first_slots_and_the_held_out_race_without_shape_completion(
+    tmp_path: Path, synth: Path, victim: Path, stage1: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``uncompleted``: the drawn pool slots below it are attacked through the defense without its box
+    completion (after the others), and ``eval_uncompleted`` attacks the held-out race the same way."""
+    from streamguard.training import stages
+    from streamguard.training.race import PatchPool
+
+    calls: list[tuple[str, int]] = []
+    attack = stages.patch_attack
+
+    def recorded(model: Any, defense: Any, x: torch.Tensor, *a: Any, **k: Any) -> Any:
+        calls.append((defense.complete, len(x)))
+        return attack(model, defense, x, *a, **k)
+
+    monkeypatch.setattr(stages, "patch_attack", recorded)
+    monkeypatch.setattr(PatchPool, "draw", lambda self, k, rng: [4, 1][:k])  # slot 1 is below uncompleted = 3, slot 4 is not
+    for uncompleted, expected in ((3, [("box", 1), ("none", 1), ("none", 2)]), (0, [("box", 2), ("box", 2)])):
+        calls.clear()
+        r = race_recipe(tmp_path / str(uncompleted), synth, victim, stage1, steps=1, eval_every=1)
+        r.defense.complete = "box"
+        r.train.race.uncompleted, r.train.race.eval_uncompleted = uncompleted, bool(uncompleted)
+        train_detector_stage2(r, init=stage1, eval_videos=2)
+        assert calls == expected  # one training step's draws, then the held-out race of 2 clips
+    r.train.race.uncompleted = RACE["pool"] + 1
+    with pytest.raises(ConfigError, match="uncompleted"):
+        train_detector_stage2(r, init=stage1, eval_videos=2)
+
+
+def test_a_pool_patchs_pgd_step_halves_with_the_iterations_it_has_accumulated(
+    tmp_path: Path, synth: Path, victim: Path, stage1: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamguard.training import stages
+    from streamguard.training.race import PatchPool
+
+    steps: list[list[float]] = []
+    attack = stages.patch_attack
+
+    def recorded(model: Any, defense: Any, x: torch.Tensor, y: Any, m: Any, z: Any, iters: int, step: Any, *a: Any, **k: Any) -> Any:
+        steps.append(torch.as_tensor(step).flatten().tolist())
+        return attack(model, defense, x, y, m, z, iters, step, *a, **k)
+
+    monkeypatch.setattr(stages, "patch_attack", recorded)
+    monkeypatch.setattr(PatchPool, "draw", lambda self, k, rng: [4, 1][:k])  # refresh replaces slot 4 every step; slot 1 ages
+    r = race_recipe(tmp_path, synth, victim, stage1, steps=6, eval_every=10)
+    r.train.race.step_halflife = 1  # RACE: 1 iteration a draw
+    train_detector_stage2(r, init=stage1, eval_videos=2)
+    aged = [0.2 / 2**i for i in range(stages.STEP_HALVINGS + 1)] + [0.2 / 2**stages.STEP_HALVINGS]  # then no lower
+    assert [len(s) for s in steps] == [2] * len(aged) + [1]  # the last: the held-out race's fresh attack
+    assert sum(steps, []) == pytest.approx([v for s in aged for v in (0.2, s)] + [0.2])
+
+
 def test_race_score_counts_what_the_defense_masks_on_the_clean_clips(tmp_path: Path, synth: Path, victim: Path, stage1: Path) -> None:
     from streamguard.patchzero import build_defense
     from streamguard.training.attack_cache import load_downstream
@@ -460,7 +512,7 @@ def test_stage2_keeps_no_checkpoint_that_masks_the_clean_validation_clips(
     score = stages.race_score
     monkeypatch.setattr(stages, "benign_fpr", lambda *a, **k: 0.0)  # the held-out benign clips pass the guard
     for clean_fpr, lr in ((0.0, 0.0), (0.5, 1e-3)):  # lr 0: the clean score stays the start's, so the guard decides
-        monkeypatch.setattr(stages, "race_score", lambda *a, f=clean_fpr: {**score(*a), "clean_fpr": f})
+        monkeypatch.setattr(stages, "race_score", lambda *a, f=clean_fpr, **k: {**score(*a, **k), "clean_fpr": f})
         r = race_recipe(tmp_path / str(clean_fpr), synth, victim, stage1, steps=2, eval_every=1, lr=lr)
         r.train.race.max_benign_fpr, r.train.race.average = 0.1, 0.5
         result = train_detector_stage2(r, init=stage1, eval_videos=2)

@@ -157,7 +157,7 @@ def patch_attack(
     mask: Tensor,
     z: Tensor,
     iters: int,
-    step: float = 0.2,
+    step: float | Tensor = 0.2,
     method: str = "pgd",
     state: AttackState | None = None,
     steps: Tensor | None = None,
@@ -166,7 +166,8 @@ def patch_attack(
     (N,), or a frame detector's boxes: :func:`task_for`), masks (N, 1, T, H, W), from content ``z``
     for ``iters`` iterations: ``(z, loss (N,), state)``.
 
-    ``pgd``: ``z <- clip(z + step * sign(grad), 0, 1)``, the paper's masked PGD. ``apgd``: AutoPGD's
+    ``pgd``: ``z <- clip(z + step * sign(grad), 0, 1)``, the paper's masked PGD (``step`` a float, or
+    one per clip (N,)). ``apgd``: AutoPGD's
     update with momentum and a per-clip step (starting at ``2 * step``) halved at checkpoints every
     :data:`CHECKPOINT` iterations where fewer than 3/4 of the steps since raised the loss; it returns
     the best content found. Given the returned ``state`` it goes on from its last iterate (``z`` is
@@ -197,11 +198,14 @@ def _grad(task: Task, defense: nn.Module | None, x: Tensor, y: Any, mask: Tensor
     return loss.detach(), grad * mask
 
 
-def _pgd(task: Task, defense: nn.Module | None, x: Tensor, y: Any, mask: Tensor, z: Tensor, iters: int, step: float) -> tuple[Tensor, Tensor]:
+def _pgd(
+    task: Task, defense: nn.Module | None, x: Tensor, y: Any, mask: Tensor, z: Tensor, iters: int, step: float | Tensor
+) -> tuple[Tensor, Tensor]:
     z = z.detach()
+    eta = torch.as_tensor(step, dtype=z.dtype, device=z.device).reshape(-1, *(1,) * (z.dim() - 1))
     for _ in range(iters):
         _, grad = _grad(task, defense, x, y, mask, z)
-        z = (z + step * grad.sign()).clamp(0, 1)
+        z = (z + eta * grad.sign()).clamp(0, 1)
     with torch.no_grad():
         loss = _objective(task, defense, x, y, mask, z)
     return z, loss

@@ -56,12 +56,13 @@ def _detector(recipe: Recipe, detector_kwargs: dict[str, Any] | None) -> nn.Modu
     return PSPNet(d.backbone, aux=True, **{"width": d.width, "refine": d.refine, **(detector_kwargs or {})})
 
 
-def _patchzero(recipe: Recipe, detector: nn.Module, mean: Sequence[float], bpda: bool = False) -> nn.Module:
-    """The recipe's PatchZero around ``detector``, working at the scale it is trained at (``data.size``)."""
+def _patchzero(recipe: Recipe, detector: nn.Module, mean: Sequence[float], bpda: bool = False, **overrides: Any) -> nn.Module:
+    """The recipe's PatchZero around ``detector``, working at the scale it is trained at (``data.size``);
+    ``overrides`` as :func:`~streamguard.patchzero.build_defense`'s."""
     from ..patchzero import build_defense
 
     size = recipe.defense.input_size or recipe.data.size
-    return build_defense(recipe.defense, detector=detector, mean=mean, bpda=bpda, input_size=size)
+    return build_defense(recipe.defense, detector=detector, mean=mean, bpda=bpda, input_size=size, **overrides)
 
 
 def _detector_step(
@@ -214,6 +215,7 @@ def benign_fpr(defense: nn.Module, clips: Tensor, batch: int = 8) -> float:
     return masked / (clips[:, :1].numel())
 
 
+STEP_HALVINGS = 4  # a pool patch's PGD step decays to at most 1/16 of attack.step (train.race.step_halflife)
 HARD_SCAN, HARD_KEEP, HARD_EVERY = 64, 8, 25  # the race's benign mining: footage clips scanned, kept, every so many steps
 
 
@@ -287,9 +289,10 @@ def train_detector_stage2(
 
 def race_score(
     model: nn.Module, defense: nn.Module, x: Tensor, y: Any, mask: Tensor, z0: Tensor, iters: int, step: float,
-    method: str = "pgd",
+    method: str = "pgd", through: nn.Module | None = None,
 ) -> dict[str, float]:
-    """The held-out race: a fresh masked BPDA attack (``method``, from content ``z0``) through ``defense``; the
+    """The held-out race: a fresh masked BPDA attack (``method``, from content ``z0``) through ``defense``
+    (or through ``through``, e.g. the same defense without shape completion, then scored through ``defense``); the
     task's clean and robust score (``clean_acc``/``robust_acc``: top-1 of a clip classifier;
     ``clean_ap50``/``robust_ap50``: box AP50 of a frame detector) and the patch pixels' recall and
     precision under the attack, and ``clean_fpr``, the fraction of the clean clips' pixels it masks (a
@@ -298,7 +301,7 @@ def race_score(
 
     task = task_for(model)
     defense.eval()
-    z, _, _ = patch_attack(model, defense, x, y, mask, z0, iters, step, method)
+    z, _, _ = patch_attack(model, (through or defense).eval(), x, y, mask, z0, iters, step, method)
     adv = x * (1 - mask) + mask * z
     with torch.no_grad():
         sanitized, clean_found = defense.sanitize(x)
@@ -361,7 +364,13 @@ def _race(
     ``hard``, that many clean footage clips a step come from the :data:`HARD_KEEP` of :data:`HARD_SCAN`
     training clips the detector came nearest to masking when last mined (every :data:`HARD_EVERY`
     steps): hard negatives, since a race teaches the detector to mark the natural textures the attacker
-    imitates; ``hard_task`` mines the task's own training clips the same way. Every ``train.eval_every`` steps a fresh
+    imitates; ``hard_task`` mines the task's own training clips the same way. The first ``uncompleted`` of
+    the pool's slots are attacked through the defense without shape completion (the evaluation's
+    ``uncompleted`` attacker, who erodes the detected region until its box no longer covers the patch),
+    and with ``eval_uncompleted`` so is the held-out race (scored through the real defense). With
+    ``step_halflife`` a pool patch's PGD step halves every that many iterations it has accumulated (down to
+    1/2^:data:`STEP_HALVINGS` of ``attack.step``), so a long-lived patch is refined at finer steps as
+    AutoPGD's decay refines a long attack, without AutoPGD's stall test that froze the pool. Every ``train.eval_every`` steps a fresh
     ``eval_iters``-iteration attack on ``eval_videos`` held-out clips (default ``train.eval_videos``)
     scores the detector; the best robust score (top-1 or box AP50; the clean one within 2 points of
     the start's, the masked fraction of the held-out benign clips and of the clean validation clips at
@@ -375,6 +384,8 @@ def _race(
     t, r = recipe.train, recipe.train.race
     if r.method == "apgd" and r.iters % CHECKPOINT:
         raise ConfigError(f"train.race.iters must be a multiple of {CHECKPOINT} with method apgd, so every draw adapts its step")
+    if not 0 <= r.uncompleted <= r.pool:
+        raise ConfigError(f"train.race.uncompleted must be in [0, pool = {r.pool}], got {r.uncompleted}")
     task = task_for(model)
     clips = _task_clips(recipe, model, "train")
     train_ds = InMemory(Subset(clips, race_split(recipe, len(clips), eval_videos or t.eval_videos)[0]))
@@ -383,6 +394,7 @@ def _race(
         param.requires_grad_(True)
     mean = model.spec.mean
     bpda = _patchzero(recipe, detector, mean, bpda=True).to(dev)
+    bpda_open = _patchzero(recipe, detector, mean, bpda=True, complete="none").to(dev)  # the completion-blind attacker's view
     optimizer = torch.optim.Adam(detector.parameters(), lr=t.lr)
     config = run_config(recipe, stage=2, backbone=recipe.defense.backbone, init=str(init), race=dataclasses.asdict(r))
     run = Run(Path(t.output) / "detector-stage2-state.pt", detector, optimizer, config, main=ddp.main)
@@ -405,6 +417,7 @@ def _race(
     run.collect = lambda: {"pool": pool.state_dict(), **hard, **({"ema": ema.state_dict()} if ema is not None else {})}
     judged = ema.module if ema is not None else detector  # what the held-out race scores and what is kept
     bpda_judged = _patchzero(recipe, judged, mean, bpda=True).to(dev) if ema is not None else bpda
+    judged_open = _patchzero(recipe, judged, mean, bpda=True, complete="none").to(dev) if ema is not None else bpda_open
     net = data_parallel(detector, ddp, dev)
     share = ddp.rows(r.draw)  # this rank continues the attacks of these drawn entries; every rank keeps the whole pool
     workers = recipe.data.workers
@@ -439,7 +452,7 @@ def _race(
 
     def step_fn(step: int) -> dict[str, float]:
         rng = keyed_rng(t.seed, "stage2", step)
-        idx = pool.draw(r.draw, rng)
+        idx = sorted(pool.draw(r.draw, rng), key=lambda i: i < r.uncompleted)  # the completion-blind slots last
         entries = [pool.entries[i] for i in idx]
         items = [train_ds[e.video] for e in entries]
         x = torch.stack([c for c, _ in items]).to(dev)
@@ -448,11 +461,20 @@ def _race(
         detector.eval()
         z0 = torch.stack([e.content for e in entries]).to(dev)
         steps = torch.tensor([e.step or 2 * recipe.attack.step for e in entries])
-        z, _, state = patch_attack(model, bpda, x[share], y[share], m[share], z0[share], r.iters, recipe.attack.step, r.method,
-                                   steps=steps[share] if r.method == "apgd" else None)  # fmt: skip
-        z = ddp.gather(z.detach(), len(x))
-        if state is not None:
-            steps = ddp.gather(state.step.to(dev), len(x)).cpu()
+        if r.method == "pgd":  # each patch's step, halved every step_halflife iterations it has accumulated
+            ages = torch.tensor([e.iters // r.step_halflife if r.step_halflife else 0 for e in entries])
+            steps = recipe.attack.step * 0.5 ** ages.clamp(max=STEP_HALVINGS)
+        split = share.start + sum(i >= r.uncompleted for i in idx[share])
+        zs, ss = [], []
+        for rows, defense in ((slice(share.start, split), bpda), (slice(split, share.stop), bpda_open)):
+            if rows.stop > rows.start:
+                z, _, state = patch_attack(model, defense, x[rows], y[rows], m[rows], z0[rows], r.iters,
+                                           steps[rows].to(dev) if r.method == "pgd" else recipe.attack.step, r.method,
+                                           steps=steps[rows] if r.method == "apgd" else None)  # fmt: skip
+                zs, ss = zs + [z.detach()], ss + ([state.step.to(dev)] if state is not None else [])
+        z = ddp.gather(torch.cat(zs), len(x))
+        if ss:
+            steps = ddp.gather(torch.cat(ss), len(x)).cpu()
         adv = x * (1 - m) + m * z
         with torch.no_grad():
             fooled = task.fooled(bpda(adv), y).tolist()
@@ -478,7 +500,8 @@ def _race(
                 "pool_iters": float(np.mean([e.iters for e in pool.entries]))}  # fmt: skip
 
     def eval_fn(step: int) -> dict[str, float]:
-        scores = race_score(model, bpda_judged, ex, ey, emask, ez0, r.eval_iters, recipe.attack.step, r.eval_method)
+        scores = race_score(model, bpda_judged, ex, ey, emask, ez0, r.eval_iters, recipe.attack.step, r.eval_method,
+                            through=judged_open if r.eval_uncompleted else None)  # fmt: skip
         scores["benign_fpr"] = benign_fpr(bpda_judged, benign_eval)
         clean, robust = scores[f"clean_{task.metric}"], scores[f"robust_{task.metric}"]
         ok = clean >= run.extra["start_clean"] - 0.02 and max(scores["benign_fpr"], scores["clean_fpr"]) <= r.max_benign_fpr
