@@ -8,6 +8,8 @@ and masks, against that same detector, compares the stored pool content with a f
 (``--method``: PGD, or AutoPGD for a race whose pool is AutoPGD's) from random content (seed 0) of
 ``--iters`` iterations (default: the pool entries' median accumulated count)
 and 20 iterations. Prints fooled fraction and mean cross-entropy of each; ``--json`` writes them.
+With ``--uncompleted`` only the slots a race attacks without shape completion (``train.race.uncompleted``) are
+ranked, and the fresh attacks go through the defense without it too; every row is scored through the real defense.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--min-iters", type=int, default=40)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--method", choices=("pgd", "apgd"), default="pgd")
+    parser.add_argument("--uncompleted", action="store_true", help="the race's completion-blind slots, attacked the same way")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -48,9 +51,11 @@ def main() -> None:
     detector = build_detector(d.backbone, width=d.width, refine=d.refine, aux=True)
     detector.load_state_dict(state["model"])
     bpda = build_defense(d, detector=detector.eval(), mean=model.spec.mean, bpda=True, input_size=rec.data.size).eval()
+    through = build_defense(d, detector=detector, mean=model.spec.mean, bpda=True, input_size=rec.data.size, complete="none").eval()
     pool = PatchPool([], None, 0)  # type: ignore[arg-type]
     pool.load_state_dict(state["buffers"]["pool"])
-    ranked = sorted((e for e in pool.entries if e.iters >= args.min_iters), key=lambda e: -e.iters)[: args.clips]
+    slots = pool.entries[: rec.train.race.uncompleted] if args.uncompleted else pool.entries
+    ranked = sorted((e for e in slots if e.iters >= args.min_iters), key=lambda e: -e.iters)[: args.clips]
     if not ranked:
         raise SystemExit(f"no pool entry has {args.min_iters}+ iterations yet")
     train = recipe_dataset(rec, "train")
@@ -70,9 +75,10 @@ def main() -> None:
     rows = {"pool": score(torch.stack([e.content for e in ranked]))}
     for n in sorted({20, iters}):
         tic = time.perf_counter()
-        z, _, _ = patch_attack(model, bpda, x, y, m, z0, n, rec.attack.step, args.method)
+        z, _, _ = patch_attack(model, through if args.uncompleted else bpda, x, y, m, z0, n, rec.attack.step, args.method)
         rows[f"fresh {n}"] = {**score(z), "seconds": round(time.perf_counter() - tic, 1)}
-    result = {"state": args.state, "step": meta.get("step"), "method": args.method, "clips": len(ranked), "pool_iters": accumulated,
+    result = {"state": args.state, "step": meta.get("step"), "method": args.method, "uncompleted": args.uncompleted,
+              "clips": len(ranked), "pool_iters": accumulated,
               "median_pool_iters": int(np.median(accumulated)), "rows": rows}  # fmt: skip
     print(f"race step {meta.get('step')}: {len(ranked)} pool entries, accumulated iterations "
           f"{min(accumulated)}-{max(accumulated)} (median {result['median_pool_iters']})")
