@@ -7,7 +7,9 @@ pool entries with the most accumulated BPDA iterations (at least ``--min-iters``
 and masks, against that same detector, compares the stored pool content with a fresh masked attack
 (``--method``: PGD, or AutoPGD for a race whose pool is AutoPGD's) from random content (seed 0) of
 ``--iters`` iterations (default: the pool entries' median accumulated count)
-and 20 iterations. Prints fooled fraction and mean cross-entropy of each; ``--json`` writes them.
+and 20 iterations; with ``--continue K...`` also the pool content attacked K more iterations against this
+detector (does a warm start plus K iterations reach a fresh attack of many more?). Prints fooled fraction and
+mean cross-entropy of each; ``--json`` writes them.
 With ``--uncompleted`` only the slots a race attacks without shape completion (``train.race.uncompleted``) are
 ranked, and the fresh attacks go through the defense without it too; every row is scored through the real defense.
 """
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--method", choices=("pgd", "apgd"), default="pgd")
     parser.add_argument("--uncompleted", action="store_true", help="the race's completion-blind slots, attacked the same way")
+    parser.add_argument("--continue", dest="more", type=int, nargs="*", default=[], metavar="K")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -72,11 +75,13 @@ def main() -> None:
         return {"fooled": float((logits.argmax(1) != y).float().mean()), "loss": float(F.cross_entropy(logits, y))}
 
     z0 = torch.from_numpy(np.random.default_rng(0).random(x.shape, dtype=np.float32))
-    rows = {"pool": score(torch.stack([e.content for e in ranked]))}
-    for n in sorted({20, iters}):
+    pooled = torch.stack([e.content for e in ranked])
+    rows = {"pool": score(pooled)}
+    runs = [(f"fresh {n}", z0, n) for n in sorted({20, iters})] + [(f"pool +{k}", pooled, k) for k in args.more]
+    for name, start, n in runs:
         tic = time.perf_counter()
-        z, _, _ = patch_attack(model, through if args.uncompleted else bpda, x, y, m, z0, n, rec.attack.step, args.method)
-        rows[f"fresh {n}"] = {**score(z), "seconds": round(time.perf_counter() - tic, 1)}
+        z, _, _ = patch_attack(model, through if args.uncompleted else bpda, x, y, m, start, n, rec.attack.step, args.method)
+        rows[name] = {**score(z), "seconds": round(time.perf_counter() - tic, 1)}
     result = {"state": args.state, "step": meta.get("step"), "method": args.method, "uncompleted": args.uncompleted,
               "clips": len(ranked), "pool_iters": accumulated,
               "median_pool_iters": int(np.median(accumulated)), "rows": rows}  # fmt: skip

@@ -172,6 +172,9 @@ class RaceTrainSection:
     hard: int = 0  # clean footage clips a step mined from those the detector comes nearest to masking (hard negatives)
     hard_task: int = 0  # clean clips of the task's own training videos a step, mined the same way
     uncompleted: int = 0  # pool slots (the first ones) whose attacks go through the defense without shape completion
+    uncompleted_iters: int = 0  # ... continued this many iterations a draw (0: iters)
+    uncompleted_method: Literal["", "pgd", "apgd"] = ""  # ... by this method ("": method); apgd under a pgd race restarts
+    # from the stored content at each draw (a warm start: docs/results.md, races against the completion-blind attacker)
     step_halflife: int = 0  # pgd: a pool patch's step halves every this many iterations it has accumulated (0: fixed)
     average: float = 0.0  # if set, the decay of a moving average of the detector's weights, which is what is scored and kept
     eval_iters: int = 20  # the held-out race: a fresh BPDA attack of this many iterations on train.eval_videos clips

@@ -467,6 +467,34 @@ def test_race_attacks_its_first_slots_and_the_held_out_race_without_shape_comple
         train_detector_stage2(r, init=stage1, eval_videos=2)
 
 
+def test_race_attacks_its_completion_blind_slots_by_their_own_method_and_iterations(
+    tmp_path: Path, synth: Path, victim: Path, stage1: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``uncompleted_iters`` / ``uncompleted_method``: the blind slots' draws are their own attack, a
+    fresh AutoPGD from the stored content in a PGD race, and the pool counts the iterations each got."""
+    from streamguard.training import stages
+    from streamguard.training.race import PatchPool
+
+    calls: list[tuple[str, int, str, bool]] = []
+    attack = stages.patch_attack
+
+    def recorded(model: Any, defense: Any, x: Any, y: Any, m: Any, z: Any, iters: int, step: Any, method: str = "pgd", **k: Any) -> Any:
+        calls.append((defense.complete, iters, method, k.get("steps") is not None))
+        return attack(model, defense, x, y, m, z, iters, step, method, **k)
+
+    monkeypatch.setattr(stages, "patch_attack", recorded)
+    monkeypatch.setattr(PatchPool, "draw", lambda self, k, rng: [4, 1][:k])  # slot 1 is blind, slot 4 is not
+    r = race_recipe(tmp_path, synth, victim, stage1, steps=1, eval_every=10, checkpoint_every=1)
+    r.defense.complete, r.train.race.refresh = "box", 0.0
+    r.train.race.uncompleted, r.train.race.uncompleted_iters, r.train.race.uncompleted_method = 3, 5, "apgd"
+    train_detector_stage2(r, init=stage1, eval_videos=2)
+    held_out = ("box", RACE["eval_iters"], "pgd", False)
+    assert calls == [("box", RACE["iters"], "pgd", False), ("none", 5, "apgd", False), held_out]
+    pool = state(tmp_path / "run" / "detector-stage2-state.pt")["buffers"]["pool"]
+    assert pool["iters"][1] == 5 and pool["iters"][4] == RACE["iters"]
+    assert pool["step"][1] == 0 and pool["step"][4] == 0  # a pgd race keeps no AutoPGD step
+
+
 def test_a_pool_patchs_pgd_step_halves_with_the_iterations_it_has_accumulated(
     tmp_path: Path, synth: Path, victim: Path, stage1: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

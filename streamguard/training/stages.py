@@ -367,7 +367,9 @@ def _race(
     imitates; ``hard_task`` mines the task's own training clips the same way. The first ``uncompleted`` of
     the pool's slots are attacked through the defense without shape completion (the evaluation's
     ``uncompleted`` attacker, who erodes the detected region until its box no longer covers the patch),
-    and with ``eval_uncompleted`` so is the held-out race (scored through the real defense). With
+    ``uncompleted_iters`` iterations a draw by ``uncompleted_method`` when set (AutoPGD in a PGD race
+    restarts from the stored content: a warm start), and with ``eval_uncompleted`` so is the held-out race
+    (scored through the real defense). With
     ``step_halflife`` a pool patch's PGD step halves every that many iterations it has accumulated (down to
     1/2^:data:`STEP_HALVINGS` of ``attack.step``), so a long-lived patch is refined at finer steps as
     AutoPGD's decay refines a long attack, without AutoPGD's stall test that froze the pool. Every ``train.eval_every`` steps a fresh
@@ -465,21 +467,26 @@ def _race(
             ages = torch.tensor([e.iters // r.step_halflife if r.step_halflife else 0 for e in entries])
             steps = recipe.attack.step * 0.5 ** ages.clamp(max=STEP_HALVINGS)
         split = share.start + sum(i >= r.uncompleted for i in idx[share])
-        zs, ss = [], []
-        for rows, defense in ((slice(share.start, split), bpda), (slice(split, share.stop), bpda_open)):
+        blind = (r.uncompleted_iters or r.iters, r.uncompleted_method or r.method)
+        zs, ss, done = [], [], []
+        for rows, defense, (iters, method) in ((slice(share.start, split), bpda, (r.iters, r.method)),
+                                               (slice(split, share.stop), bpda_open, blind)):  # fmt: skip
             if rows.stop > rows.start:
-                z, _, state = patch_attack(model, defense, x[rows], y[rows], m[rows], z0[rows], r.iters,
-                                           steps[rows].to(dev) if r.method == "pgd" else recipe.attack.step, r.method,
-                                           steps=steps[rows] if r.method == "apgd" else None)  # fmt: skip
-                zs, ss = zs + [z.detach()], ss + ([state.step.to(dev)] if state is not None else [])
+                kept = method == r.method == "apgd"  # the entry's decayed step goes on; otherwise apgd starts afresh
+                z, _, state = patch_attack(model, defense, x[rows], y[rows], m[rows], z0[rows], iters,
+                                           steps[rows].to(dev) if method == "pgd" else recipe.attack.step, method,
+                                           steps=steps[rows] if kept else None)  # fmt: skip
+                zs.append(z.detach())
+                ss.append(state.step.to(dev) if kept else steps[rows].to(dev))
+                done.append(torch.full((rows.stop - rows.start,), iters, device=dev))
         z = ddp.gather(torch.cat(zs), len(x))
-        if ss:
-            steps = ddp.gather(torch.cat(ss), len(x)).cpu()
+        steps = ddp.gather(torch.cat(ss), len(x)).cpu()
+        done = ddp.gather(torch.cat(done), len(x)).cpu()
         adv = x * (1 - m) + m * z
         with torch.no_grad():
             fooled = task.fooled(bpda(adv), y).tolist()
-        for e, content, f, s in zip(entries, z.cpu(), fooled, steps.tolist()):
-            e.content, e.iters, e.draws, e.fooled = content, e.iters + r.iters, e.draws + 1, bool(f)
+        for e, content, f, s, n in zip(entries, z.cpu(), fooled, steps.tolist(), done.tolist()):
+            e.content, e.iters, e.draws, e.fooled = content, e.iters + int(n), e.draws + 1, bool(f)
             e.step = s if r.method == "apgd" else 0.0
         pool.refresh(int(r.refresh) + int(rng.random() < r.refresh % 1), rng)
         xb, mb = paste_procedural(recipe, bases(), r.procedural, rng)
