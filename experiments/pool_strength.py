@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--method", choices=("pgd", "apgd"), default="pgd")
     parser.add_argument("--uncompleted", action="store_true", help="the race's completion-blind slots, attacked the same way")
-    parser.add_argument("--continue", dest="more", type=int, nargs="*", default=[], metavar="K")
+    parser.add_argument("--continue", dest="more", type=int, nargs="*", default=[], metavar="K",
+                        help="also the pool patches attacked K more iterations (several K: one row each)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
