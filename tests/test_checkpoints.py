@@ -80,3 +80,27 @@ def test_get_weights_by_name_and_path(tmp_path: Path, monkeypatch: pytest.Monkey
     path.write_bytes(path.read_bytes() + b"x")
     with pytest.raises(CheckpointError, match="sha256"):
         Weights("net", path, digest).load()
+
+
+def test_interpolate_mixes_two_checkpoints_in_weight_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "interpolate.py"
+    spec = importlib.util.spec_from_file_location("interpolate", script)
+    interpolate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(interpolate)
+    a = {"w": torch.zeros(2, 3), "bn.num_batches_tracked": torch.tensor(5)}
+    b = {"w": torch.full((2, 3), 4.0), "bn.num_batches_tracked": torch.tensor(9)}
+    save_checkpoint(tmp_path / "a.pt", a, {"backbone": "x"})
+    save_checkpoint(tmp_path / "b.pt", b, {"backbone": "y"})
+    ends = [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]
+    monkeypatch.setattr(sys, "argv", ["interpolate.py", *ends, "--alpha", "0.25", "1", "--out-dir", str(tmp_path / "mix")])
+    interpolate.main()
+    quarter, meta = load_checkpoint(tmp_path / "mix" / "mix-0.25.pt")
+    assert torch.allclose(quarter["w"], torch.ones(2, 3)) and int(quarter["bn.num_batches_tracked"]) == 9
+    assert meta["backbone"] == "y" and meta["mix"]["alpha"] == 0.25
+    end, _ = load_checkpoint(tmp_path / "mix" / "mix-1.pt")
+    assert torch.equal(end["w"], b["w"])
+    with pytest.raises(SystemExit, match="different parameters"):
+        interpolate.mix(a, {"v": torch.zeros(1)}, 0.5)
