@@ -6,9 +6,9 @@ A race that gains robustness also gains benign false positives (race-blind-warm:
 clips against the shipped 62.5%, benign FPR 1.03e-3 against 4.9e-4). As in WiSE-FT (Wortsman et al.),
 a point on the line between the detector a race started from and where it ended may keep most of the
 gain at less cost. A and B must share an architecture and should share an ancestor. Each mix is written
-to ``DIR/mix-ALPHA.pt`` with B's meta, its own ``command`` and ``mix`` (A, B, their sha256, alpha); ``--benign N`` also prints
-each mix's masked fraction of N held-out benign clips (the race's benign guard), a 1-minute screen
-before the 19-minute ``race_score.py``.
+to ``DIR/mix-ALPHA.pt`` with B's meta, its own ``command`` and ``mix`` (A, B, their sha256, alpha).
+``--benign N`` also prints each mix's masked fraction of N held-out benign clips (the race's benign
+guard), a 1-minute screen before the 19-minute ``race_score.py``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def main() -> None:
     sources = {"a": args.a, "a_sha256": sha256_file(wa.path), "b": args.b, "b_sha256": sha256_file(wb.path)}
     for alpha in args.alpha:
         path = args.out_dir / f"mix-{alpha:g}.pt"
-        made = {"command": f"python experiments/interpolate.py {args.a} {args.b} --alpha {alpha:g}", "mix": {**sources, "alpha": alpha}}
+        command = f"python experiments/interpolate.py {args.a} {args.b} --alpha {alpha:g}"
+        made = {"command": command, "mix": {**sources, "alpha": alpha}}
         digest = save_checkpoint(path, mix(sa, sb, alpha), {**meta, **made})
         line = f"alpha {alpha:g}: {path} sha256 {digest}"
         if args.benign:
