@@ -1,9 +1,10 @@
 """Shape completion and dilation, chosen on the race's validation clips (issue #16).
 
     python experiments/completion_probe.py [WEIGHTS] [--recipe synth-clip] [--clips 48] [--iters N]
-        [--method pgd|apgd] [--area A] [--settings none:3 hull:3 box:3 ...] [--temporal mean|median] [--json OUT]
+        [--method pgd|apgd] [--area A] [--settings none:3 hull:3 box:3 ...] [--judge square:3 ...]
+        [--temporal mean|median] [--json OUT]
 
-For each setting ``COMPLETE:DILATE[:LOW]`` (``complete`` none, hull or box; ``dilate`` in working-scale
+For each setting ``COMPLETE:DILATE[:LOW]`` (``complete`` none, hull, box or square; ``dilate`` in working-scale
 pixels; ``LOW``, a trial not in the product: hysteresis, the mask grown from the pixels above the
 threshold into the connected pixels above ``LOW`` before the dilation, :class:`Hysteresis`): a fresh
 masked BPDA attack (``--method``, ``--iters``, default ``train.race.eval_iters``) through PatchZero with
@@ -14,10 +15,12 @@ clips; and, to tell leaks from over-masking, the top-1 with the defense's mask u
 patch (``leaks_closed``) and cut to the patch dilated by ``--near`` pixels (``scene_unmasked``); and a
 downstream-only attack of the same method and iterations, made once against the model alone, judged
 through the setting (``do_*``: what over-masking costs when the detector finds the patch). Then, for
-every completed setting, the attack made against ``none`` at the same dilation judged through it (a
-transfer: the attacker who ignores completion). ``--area`` draws every patch at that area instead of
-``train.area_range`` (Table 4's columns are 5% and 10%). ``--temporal`` fuses the clip's logits another
-way in every setting (``defense.temporal``).
+every completed setting, the attacks made against ``none`` judged through it (a transfer: the attacker
+who ignores completion). ``--judge`` settings (``COMPLETE:DILATE[:PATCH_AREA]``, the last for "square")
+are not attacked themselves, only judged on every attack made (one patient attack, many masks); ``--save``
+keeps the attacked clips. ``--area`` draws every patch at that area instead of ``train.area_range``
+(Table 4's columns are 5% and 10%). ``--temporal`` fuses the clip's logits another way in every
+setting (``defense.temporal``).
 """
 
 from __future__ import annotations
@@ -74,9 +77,11 @@ def main() -> None:
     parser.add_argument("--method", choices=["pgd", "apgd"], default="pgd")
     parser.add_argument("--area", type=float, default=None)
     parser.add_argument("--settings", nargs="+", default=["none:3", "hull:3", "box:3"])
+    parser.add_argument("--judge", nargs="*", default=[])
     parser.add_argument("--near", type=int, default=1)
     parser.add_argument("--temporal", default=None, help="defense.temporal for every setting (default: the recipe's)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--save", type=Path, default=None, help="write the attacked clips here (torch.save)")
     args = parser.parse_args()
     rec = load_recipe(args.recipe)
     weights, iters = args.weights or rec.defense.weights, args.iters or rec.train.race.eval_iters
@@ -90,8 +95,9 @@ def main() -> None:
 
     def build(setting: str) -> torch.nn.Module:
         complete, dilate, *low = setting.split(":")
+        area = {"patch_area": float(low.pop())} if complete == "square" and low else {}
         defense = build_defense(rec.defense, weights=weights, mean=model.spec.mean, bpda=True, input_size=rec.data.size,
-                                complete=complete, dilate=int(dilate),
+                                complete=complete, dilate=int(dilate), **area,
                                 **({"temporal": args.temporal} if args.temporal else {})).eval()  # fmt: skip
         if low:
             defense.__class__, defense.low = Hysteresis, float(low[0])
@@ -122,11 +128,20 @@ def main() -> None:
         results[setting] = {f"clean_{task.metric}": clean, **judge(defense, attacked[setting]), **do,
                             "benign_fpr": benign_fpr(defense, benign), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
         print(setting, {k: round(v, 4) for k, v in results[setting].items()}, flush=True)
-    for setting in args.settings:
-        plain = f"none:{setting.split(':')[1]}"  # the same dilation, neither completed nor grown
-        if not setting.startswith("none") and plain in attacked:
-            results[f"{plain} -> {setting}"] = judge(build(setting), attacked[plain])
-            print(f"{plain} -> {setting}", {k: round(v, 4) for k, v in results[f"{plain} -> {setting}"].items()}, flush=True)
+    if args.save:
+        torch.save({"attacked": attacked, "do": do_adv}, args.save)
+    for setting in args.settings + args.judge:
+        defense = build(setting)
+        if setting in args.judge:
+            with torch.no_grad():
+                clean = task.score(defense(x), y)
+            do = {f"do_{k}": v for k, v in judge(defense, do_adv).items()}
+            results[setting] = {f"clean_{task.metric}": clean, **do, "benign_fpr": benign_fpr(defense, benign)}
+            print(setting, {k: round(v, 4) for k, v in results[setting].items()}, flush=True)
+        for made in args.settings if setting in args.judge else [s for s in attacked if s.startswith("none")]:
+            if made != setting and not (setting.startswith("none") and setting not in args.judge):
+                results[f"{made} -> {setting}"] = judge(defense, attacked[made])
+                print(f"{made} -> {setting}", {k: round(v, 4) for k, v in results[f"{made} -> {setting}"].items()}, flush=True)
     if args.json:
         settings = {"recipe": rec.name, "weights": weights, "clips": len(x), "method": args.method, "iters": iters,
                     "area": args.area, "near": args.near, "temporal": args.temporal or rec.defense.temporal,

@@ -95,7 +95,7 @@ class SanitizeSettings:
     recipe: str | None = None  # recipe name or TOML path
     threshold: float | None = None
     dilate: int | None = None
-    complete: str | None = None  # shape completion: none, hull or box
+    complete: str | None = None  # shape completion: none, hull, box or square
     input_size: int | None = None  # --imgsz
     clip_len: int | None = None
     stride: int | None = None

@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 
 Temporal = Literal["mean", "none", "ema", "median"]
 TEMPORAL: tuple[str, ...] = ("mean", "none", "ema", "median")
-Complete = Literal["none", "hull", "box"]
-COMPLETE: tuple[str, ...] = ("none", "hull", "box")
+Complete = Literal["none", "hull", "box", "square"]
+COMPLETE: tuple[str, ...] = ("none", "hull", "box", "square")
+SQUARE_MIN_CORE = 4  # "square" grows a region only when at least this many of its pixels pass the threshold
 
 
 def dilate_mask(mask: Tensor, radius: int) -> Tensor:
@@ -55,29 +56,61 @@ def dilate_mask(mask: Tensor, radius: int) -> Tensor:
     return F.max_pool2d(flat, 2 * radius + 1, stride=1, padding=radius).reshape(shape)
 
 
-def complete_mask(mask: Tensor, shape: Complete) -> Tensor:
+def complete_mask(
+    mask: Tensor, shape: Complete, prob: Tensor | None = None, side: int = 0, threshold: float = 0.5
+) -> Tensor:
     """Shape completion: every 8-connected region of a 0/1 mask (..., H, W) replaced by its filled
-    convex hull ("hull") or bounding box ("box"); "none" returns the mask.
+    convex hull ("hull"), its bounding box ("box") or a square of at least ``side`` pixels ("square");
+    "none" returns the mask.
 
     A patch is one solid shape, so the pixels an attacker keeps undetected in the hull or box of
     what was found (parts a dilation apart merge into one region first) are still repainted;
     Segment-and-Complete completes squares the same way. "box" assumes rectangular patches (a round
-    one gets its corners masked too), "hull" any convex shape.
+    one gets its corners masked too), "hull" any convex shape. An attacker who erodes the detected
+    region shrinks its box too; "square" takes the threat model's size instead: a region's box is
+    grown to at least ``side`` pixels each way (a ``side`` x ``side`` square unless it is wider),
+    still containing the region, placed where the detection probabilities ``prob`` (shape of
+    ``mask``) sum highest, ties broken towards the middle of the places that contain it. Only regions
+    with at least :data:`SQUARE_MIN_CORE` pixels of ``prob > threshold`` are grown; smaller ones (a
+    benign speck) get their box.
     """
     if shape == "none" or not bool(mask.any()):
         return mask
+    if shape == "square" and (prob is None or side < 1):
+        raise ConfigError("square completion needs the detection probabilities and a side of at least 1 pixel")
     flat = (mask.detach().reshape(-1, *mask.shape[-2:]) > 0.5).to(torch.uint8).cpu().numpy()
     out = np.zeros_like(flat)
     for i in np.flatnonzero(flat.any(axis=(1, 2))):
-        if shape == "box":
-            count, _, stats, _ = cv2.connectedComponentsWithStats(flat[i], connectivity=8)
-            for x, y, w, h in stats[1:count, :4]:
-                out[i, y : y + h, x : x + w] = 1
-        else:
+        if shape == "hull":
             contours, _ = cv2.findContours(flat[i], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
             for contour in contours:
                 cv2.fillConvexPoly(out[i], cv2.convexHull(contour), 1)
+            continue
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(flat[i], connectivity=8)
+        if shape == "square":
+            p = prob.detach().reshape(flat.shape)[i].double().cpu().numpy()  # type: ignore[union-attr]
+            cores = np.bincount(labels[p > threshold], minlength=count)
+            integral = cv2.integral(p)
+        for k, (x, y, w, h) in enumerate(stats[1:count, :4], start=1):
+            if shape == "square" and cores[k] >= SQUARE_MIN_CORE:
+                x, y, w, h = _square_around(integral, x, y, w, h, side)
+            out[i, y : y + h, x : x + w] = 1
     return torch.from_numpy(out).to(mask).reshape(mask.shape)
+
+
+def _square_around(integral: np.ndarray, x: int, y: int, w: int, h: int, side: int) -> tuple[int, int, int, int]:
+    """The box ``(x, y, w, h)`` grown to at least ``side`` x ``side`` (within the frame), placed among
+    those containing it where the summed probability (``integral``: ``cv2.integral`` of the map) is
+    highest, the middlemost of equals."""
+    rows, cols = integral.shape[0] - 1, integral.shape[1] - 1
+    bh, bw = max(h, min(side, rows)), max(w, min(side, cols))
+    ys = np.arange(max(0, y + h - bh), min(y, rows - bh) + 1)
+    xs = np.arange(max(0, x + w - bw), min(x, cols - bw) + 1)
+    top, left = np.meshgrid(ys, xs, indexing="ij")
+    mass = integral[top + bh, left + bw] - integral[top, left + bw] - integral[top + bh, left] + integral[top, left]
+    off_centre = (top - ys.mean()) ** 2 + (left - xs.mean()) ** 2
+    best = np.lexsort((off_centre.ravel(), -np.round(mass.ravel(), 6)))[0]
+    return int(left.ravel()[best]), int(top.ravel()[best]), int(bw), int(bh)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -117,7 +150,8 @@ class PatchZero(nn.Module):
     evaluation's ``mean-fused`` variant attacks it through the mean as well);
     "none" masks each frame on its own.
     The mask is ``sigmoid(logit) > threshold`` dilated by ``dilate`` pixels, then with ``complete``
-    each of its regions filled to its convex hull or bounding box (:func:`complete_mask`).
+    each of its regions filled to its convex hull or bounding box, or grown to a square of the largest
+    patch the threat model allows (``patch_area`` of the working frame, plus the rim; :func:`complete_mask`).
 
     Working resolution: with ``input_size`` ``(h, w)`` (the scale the detector was trained at, which
     travels in its weights' meta) every frame is resized to it (:func:`~streamguard.resize.resize_frames`, area averaging); the logits are fused,
@@ -148,6 +182,7 @@ class PatchZero(nn.Module):
         bpda: bool = False,
         temperature: float = 4.0,
         complete: Complete = "none",
+        patch_area: float = 0.1,
     ) -> None:
         super().__init__()
         mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
@@ -165,10 +200,13 @@ class PatchZero(nn.Module):
             raise ConfigError(f"BPDA temperature must be > 0, got {temperature}")
         if complete not in COMPLETE:
             raise ConfigError(f"defense.complete must be one of {', '.join(COMPLETE)}, got {complete!r}")
+        if not 0 < patch_area <= 1:
+            raise ConfigError(f"defense.patch_area must be a fraction of the frame in (0, 1], got {patch_area}")
         self.detector = detector
         self.threshold, self.dilate, self.temporal, self.ema = float(threshold), int(dilate), temporal, float(ema)
         self.input_size = _size_pair(input_size)
         self.bpda, self.temperature, self.complete = bpda, float(temperature), complete
+        self.patch_area = float(patch_area)
         self.register_buffer("mean", mean, persistent=False)
         self._state: Tensor | None = None
 
@@ -184,6 +222,7 @@ class PatchZero(nn.Module):
             "mean": [float(v) for v in self.mean.tolist()],
             "temperature": self.temperature,
             "complete": self.complete,
+            "patch_area": self.patch_area,
         }
         if isinstance(self.detector, PSPNet):
             d = self.detector
@@ -332,8 +371,11 @@ class PatchZero(nn.Module):
         return fused
 
     def _hard_mask(self, logits: Tensor) -> Tensor:
-        mask = dilate_mask((torch.sigmoid(logits) > self.threshold).to(logits.dtype), self.dilate)
-        return complete_mask(mask, self.complete)
+        prob = torch.sigmoid(logits)
+        mask = dilate_mask((prob > self.threshold).to(logits.dtype), self.dilate)
+        h, w = logits.shape[-2:]
+        side = round(math.sqrt(self.patch_area * h * w)) + 2 * self.dilate  # the largest patch, detected with its rim
+        return complete_mask(mask, self.complete, prob, side, self.threshold)
 
     def _soft_mask(self, logits: Tensor) -> Tensor:
         center = math.log(self.threshold / (1 - self.threshold))
@@ -396,7 +438,8 @@ def _restore(t: Tensor, frames: bool) -> Tensor:
 
 
 _DETECTOR_KEYS = ("backbone", "width", "aux", "refine")
-_DEFENSE_KEYS = ("mean", "threshold", "dilate", "temporal", "ema", "input_size", "bpda", "temperature", "complete")
+_DEFENSE_KEYS = ("mean", "threshold", "dilate", "temporal", "ema", "input_size", "bpda", "temperature", "complete",
+                 "patch_area")  # fmt: skip
 
 
 def save_defense(defense: PatchZero, path: str | os.PathLike[str], **extra_meta: Any) -> str:
@@ -444,7 +487,7 @@ def build_defense(
     """The one factory from a recipe's ``[defense]`` table to a :class:`PatchZero`.
 
     Settings, later ones winning: the checkpoint's meta, the recipe's ``section`` (``threshold``,
-    ``dilate``, ``temporal``, ``ema``, and ``input_size`` and ``complete`` when it sets them), then ``overrides``
+    ``dilate``, ``temporal``, ``ema``, and ``input_size``, ``complete`` and ``patch_area`` when it sets them), then ``overrides``
     (``None`` keeps the value before). ``mean`` is the downstream model's dataset mean, the colour
     of the repaint. With ``detector`` (a network being trained) no checkpoint is read and the working
     resolution defaults to none; otherwise the weights are ``weights``, else ``section.weights``,
@@ -453,7 +496,8 @@ def build_defense(
     settings: dict[str, Any] = {}
     if section is not None:
         settings = {"threshold": section.threshold, "dilate": section.dilate, "temporal": section.temporal,
-                    "ema": section.ema, "input_size": section.input_size, "complete": section.complete}  # fmt: skip
+                    "ema": section.ema, "input_size": section.input_size, "complete": section.complete,
+                    "patch_area": section.patch_area}  # fmt: skip
     settings |= {k: v for k, v in overrides.items() if v is not None}
     if mean is not None:
         settings["mean"] = tuple(float(v) for v in mean)

@@ -48,7 +48,8 @@ class DefenseSection:
     dilate: int = 3
     temporal: Literal["mean", "none", "ema", "median"] = "mean"
     ema: float = 0.5
-    complete: Literal["none", "hull", "box"] | None = None  # shape completion; default: the weights'
+    complete: Literal["none", "hull", "box", "square"] | None = None  # shape completion; default: the weights'
+    patch_area: float | None = None  # "square": the largest patch of the threat model (fraction of the frame); default: the weights' or 0.1
 
 
 @dataclass

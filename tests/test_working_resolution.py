@@ -133,13 +133,63 @@ def test_completion_is_in_every_mask_path_and_in_the_weights_meta(tmp_path) -> N
     with defense.bpda_mode():
         assert torch.equal(defense(x), defense.sanitize(x)[0])
     with pytest.raises(ConfigError, match="complete"):
-        PatchZero(_Spot(), (0.5, 0.5, 0.5), complete="square")  # type: ignore[arg-type]
+        PatchZero(_Spot(), (0.5, 0.5, 0.5), complete="circle")  # type: ignore[arg-type]
     detector = PSPNet("mobilenet_v3", aux=False, width=0.125)
     save_defense(PatchZero(detector, (0.5, 0.5, 0.5), complete="hull"), tmp_path / "pz.pt")
     assert load_defense(tmp_path / "pz.pt").complete == "hull"
     assert load_defense(tmp_path / "pz.pt", complete="none").complete == "none"
     assert build_defense(DefenseSection(complete="box"), weights=tmp_path / "pz.pt", mean=(0.5,) * 3).complete == "box"
     assert build_defense(DefenseSection(), weights=tmp_path / "pz.pt", mean=(0.5,) * 3).complete == "hull"
+
+
+def test_square_completion_grows_an_eroded_patch_to_the_threat_models_size() -> None:
+    """A 10x10 patch of which the attacker left only the left 4 columns above the threshold: "box"
+    masks those 4 columns, "square" (side 10) the whole patch, placed where the probabilities that
+    stayed below the threshold still sum highest. A 3-pixel speck keeps its box, a band wider than the
+    side is grown in its other direction only, a tie goes to the middle of the places, and the square
+    stays in the frame."""
+    prob = torch.full((1, 1, 1, 32, 32), 0.01)
+    prob[..., 8:18, 8:18] = 0.3  # the eroded patch: below the threshold ...
+    prob[..., 8:18, 8:12] = 0.9  # ... but for its left 4 columns
+    prob[..., 28, 28:31] = 0.9  # a benign speck of 3 pixels
+    prob[..., 0:2, 19:31] = 0.9  # a band 12 wide, wider than the side
+    mask = (prob > 0.5).float()
+    assert complete_mask(mask, "box", prob, 10)[..., 8:18, 8:18].sum().item() == 40
+    square = complete_mask(mask, "square", prob, 10)[0, 0, 0]
+    assert square[8:18, 8:18].all() and square[28, 28:31].all() and square[0:10, 19:31].all()
+    assert square.sum().item() == 100 + 3 + 10 * 12  # the patch, the speck, the band grown down: nothing more
+    lone = torch.zeros(1, 1, 1, 32, 32)
+    lone[..., 20:22, 20:22] = 1  # 4 core pixels on a flat map: every 6x6 place containing them ties
+    grown = complete_mask(lone, "square", lone * 0.8 + 0.1, 6)[0, 0, 0]
+    ys, xs = torch.nonzero(grown, as_tuple=True)
+    assert (ys.min().item(), ys.max().item(), xs.min().item(), xs.max().item()) == (18, 23, 18, 23)
+    corner = torch.zeros(1, 1, 1, 32, 32)
+    corner[..., 30:32, 30:32] = 1
+    grown = complete_mask(corner, "square", corner * 0.8 + 0.1, 6)[0, 0, 0]
+    assert grown[26:32, 26:32].all() and grown.sum().item() == 36
+    with pytest.raises(ConfigError, match="probabilities"):
+        complete_mask(mask, "square")
+
+
+def test_square_completion_in_the_defense_follows_patch_area(tmp_path) -> None:
+    """PatchZero's square is the side of ``patch_area`` of the working frame plus the rim on each side,
+    in the float and the uint8 path alike; ``patch_area`` travels in the weights' meta."""
+    from streamguard.patchzero import load_defense, save_defense
+
+    x = torch.zeros(1, 3, 2, 20, 20)
+    x[..., 6:8, 6:8] = 1.0  # a 2x2 detection
+    defense = PatchZero(_Spot(), (0.5, 0.5, 0.5), dilate=1, complete="square", patch_area=0.09)
+    mask = defense.mask(x)[0, 0, 0]
+    assert mask.sum().item() == (6 + 2) ** 2 and mask[5:9, 5:9].all()  # sqrt(0.09 * 400) = 6, plus 1 each side
+    frames = x.mul(255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    assert np.array_equal(defense.sanitize_frames(frames).mask[0][0], mask.numpy().astype(bool))
+    with pytest.raises(ConfigError, match="patch_area"):
+        PatchZero(_Spot(), (0.5, 0.5, 0.5), patch_area=0.0)
+    detector = PSPNet("mobilenet_v3", aux=False, width=0.125)
+    save_defense(PatchZero(detector, (0.5, 0.5, 0.5), complete="square", patch_area=0.05), tmp_path / "pz.pt")
+    assert (load_defense(tmp_path / "pz.pt").complete, load_defense(tmp_path / "pz.pt").patch_area) == ("square", 0.05)
+    section = DefenseSection(complete="square", patch_area=0.2)
+    assert build_defense(section, weights=tmp_path / "pz.pt", mean=(0.5,) * 3).patch_area == 0.2
 
 
 def test_bpda_gradient_reaches_full_resolution_pixels() -> None:
