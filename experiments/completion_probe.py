@@ -2,7 +2,7 @@
 
     python experiments/completion_probe.py [WEIGHTS] [--recipe synth-clip] [--clips 48] [--iters N]
         [--method pgd|apgd] [--area A] [--settings none:3 hull:3 box:3 ...] [--judge square:3 ...]
-        [--temporal mean|median] [--json OUT]
+        [--temporal mean|median] [--save CLIPS.pt | --load CLIPS.pt] [--json OUT]
 
 For each setting ``COMPLETE:DILATE[:LOW]`` (``complete`` none, hull, box or square; ``dilate`` in working-scale
 pixels; ``LOW``, a trial not in the product: hysteresis, the mask grown from the pixels above the
@@ -18,7 +18,7 @@ through the setting (``do_*``: what over-masking costs when the detector finds t
 every completed setting, the attacks made against ``none`` judged through it (a transfer: the attacker
 who ignores completion). ``--judge`` settings (``COMPLETE:DILATE[:PATCH_AREA]``, the last for "square")
 are not attacked themselves, only judged on every attack made (one patient attack, many masks); ``--save``
-keeps the attacked clips. ``--area`` draws every patch at that area instead of ``train.area_range``
+keeps the attacked clips, and ``--load`` judges them again (the same recipe, ``--clips`` and ``--area``). ``--area`` draws every patch at that area instead of ``train.area_range``
 (Table 4's columns are 5% and 10%). ``--temporal`` fuses the clip's logits another way in every
 setting (``defense.temporal``).
 """
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--temporal", default=None, help="defense.temporal for every setting (default: the recipe's)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--save", type=Path, default=None, help="write the attacked clips here (torch.save)")
+    parser.add_argument("--load", type=Path, default=None, help="judge the clips --save wrote (same problem) instead")
     args = parser.parse_args()
     rec = load_recipe(args.recipe)
     weights, iters = args.weights or rec.defense.weights, args.iters or rec.train.race.eval_iters
@@ -115,10 +116,14 @@ def main() -> None:
                     "leaks_closed": task.score(adv * (1 - closed) + paint * closed, y),
                     "scene_unmasked": task.score(adv * (1 - cut) + paint * cut, y)}  # fmt: skip
 
-    z_do, _, _ = patch_attack(model, None, x, y, mask, z0, iters, rec.attack.step, args.method)
-    do_adv = x * (1 - mask) + mask * z_do
     results, attacked = {}, {}
-    for setting in args.settings:
+    if args.load:  # judge the clips --save wrote instead of attacking again
+        saved = torch.load(args.load)
+        do_adv, attacked, args.settings = saved["do"], saved["attacked"], list(saved["attacked"])
+    else:
+        z_do, _, _ = patch_attack(model, None, x, y, mask, z0, iters, rec.attack.step, args.method)
+        do_adv = x * (1 - mask) + mask * z_do
+    for setting in [] if args.load else args.settings:
         start, defense = time.perf_counter(), build(setting)
         z, _, _ = patch_attack(model, defense, x, y, mask, z0, iters, rec.attack.step, args.method)
         attacked[setting] = x * (1 - mask) + mask * z

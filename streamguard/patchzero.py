@@ -207,6 +207,7 @@ class PatchZero(nn.Module):
         self.input_size = _size_pair(input_size)
         self.bpda, self.temperature, self.complete = bpda, float(temperature), complete
         self.patch_area = float(patch_area)
+        self.soft_square = False  # BPDA: the soft mask grown like "square" too (the evaluation's "grown" variant)
         self.register_buffer("mean", mean, persistent=False)
         self._state: Tensor | None = None
 
@@ -222,7 +223,7 @@ class PatchZero(nn.Module):
             "mean": [float(v) for v in self.mean.tolist()],
             "temperature": self.temperature,
             "complete": self.complete,
-            "patch_area": self.patch_area,
+            **({"patch_area": self.patch_area} if self.complete == "square" else {}),  # only "square" reads it
         }
         if isinstance(self.detector, PSPNet):
             d = self.detector
@@ -373,13 +374,18 @@ class PatchZero(nn.Module):
     def _hard_mask(self, logits: Tensor) -> Tensor:
         prob = torch.sigmoid(logits)
         mask = dilate_mask((prob > self.threshold).to(logits.dtype), self.dilate)
-        h, w = logits.shape[-2:]
-        side = round(math.sqrt(self.patch_area * h * w)) + 2 * self.dilate  # the largest patch, detected with its rim
+        side = self._patch_side(logits) + 2 * self.dilate  # the largest patch, detected with its rim
         return complete_mask(mask, self.complete, prob, side, self.threshold)
 
     def _soft_mask(self, logits: Tensor) -> Tensor:
         center = math.log(self.threshold / (1 - self.threshold))
-        return dilate_mask(torch.sigmoid((logits - center) / self.temperature), self.dilate)
+        reach = self.dilate + (self._patch_side(logits) // 2 if self.soft_square and self.complete == "square" else 0)
+        return dilate_mask(torch.sigmoid((logits - center) / self.temperature), reach)
+
+    def _patch_side(self, logits: Tensor) -> int:
+        """The side of the threat model's largest square patch at the working scale, in pixels."""
+        h, w = logits.shape[-2:]
+        return round(math.sqrt(self.patch_area * h * w))
 
     def _repaint(self, clips: Tensor, mask: Tensor) -> Tensor:
         mean = self.mean.to(clips.dtype).view(1, -1, 1, 1, 1)

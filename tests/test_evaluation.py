@@ -431,6 +431,26 @@ def test_adaptive_variants_are_run_and_the_worst_case_reported(tmp_path: Path) -
             evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0]))
 
 
+def test_grown_variant_widens_the_soft_mask_of_a_square_completion_only() -> None:
+    """"grown" dilates BPDA's soft mask by half the square's side (a stand-in for the square completion,
+    so the gradient reaches every detection near the patch), leaves a box-completing defense as it is,
+    and gives the setting back."""
+    from streamguard.evaluation.adaptive import variant
+    from streamguard.recipes import AttackSection
+
+    logits = torch.full((1, 1, 1, 20, 20), -10.0)
+    logits[..., 10, 10] = 10.0  # one sure pixel
+    defense = _patchzero()
+    defense.dilate, defense.complete, defense.patch_area = 0, "square", 0.09  # side sqrt(0.09 * 400) = 6
+    plain = (defense._soft_mask(logits) > 0.5).sum().item()
+    with variant("grown", defense, AttackSection(), None) as (through, _):
+        assert through is defense and (defense._soft_mask(logits) > 0.5).sum().item() == 7 * 7  # reach 3
+    assert plain == 1 and not defense.soft_square
+    defense.complete = "box"
+    with variant("grown", defense, AttackSection(), None):
+        assert (defense._soft_mask(logits) > 0.5).sum().item() == 1
+
+
 def test_combined_variants_apply_every_part_and_give_the_settings_back() -> None:
     from streamguard.evaluation.adaptive import IdentityBackward, variant
     from streamguard.recipes import AttackSection

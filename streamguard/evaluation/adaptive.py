@@ -14,6 +14,10 @@ BPDA attack (the defense's own soft mask, sigmoid temperature 4), each variant o
 * ``uncompleted``: BPDA through the same defense without shape completion (``complete = "none"``;
   the attacker ignores it, in case its identity approximation misleads the plain attack), scored
   through the real one;
+* ``grown``: BPDA whose soft mask is dilated by half the square's side besides the rim when the
+  defense completes to squares (``complete = "square"``): a differentiable stand-in for the square,
+  under which every detected pixel near the patch costs the attacker its whole neighbourhood, so
+  the attack drives all of them down instead of the patch's border alone (no change otherwise);
 * ``mean-fused``: BPDA through the same defense with the clip's logits averaged over time
   (``temporal = "mean"``) instead of its own fusion, scored through the real one: a median over
   frames passes the gradient to one frame a pixel, which may mislead the plain attack; the mean
@@ -36,10 +40,11 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..recipes import AttackSection
 
-VARIANTS: tuple[str, ...] = ("t1", "identity", "iters100", "restarts", "transfer", "uncompleted", "mean-fused")
+VARIANTS: tuple[str, ...] = ("t1", "identity", "iters100", "restarts", "transfer", "uncompleted", "grown", "mean-fused")
 _SETTINGS: dict[str, tuple[str, Any]] = {  # variants that change one PatchZero setting: (attribute, value)
     "t1": ("temperature", 1.0),
     "uncompleted": ("complete", "none"),
+    "grown": ("soft_square", True),
     "mean-fused": ("temporal", "mean"),
 }
 
