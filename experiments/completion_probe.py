@@ -18,9 +18,10 @@ through the setting (``do_*``: what over-masking costs when the detector finds t
 every completed setting, the attacks made against ``none`` judged through it (a transfer: the attacker
 who ignores completion). ``--judge`` settings (``COMPLETE:DILATE[:PATCH_AREA]``, the last for "square")
 are not attacked themselves, only judged on every attack made (one patient attack, many masks); ``--save``
-keeps the attacked clips, and ``--load`` judges them again (the same recipe, ``--clips`` and ``--area``). ``--area`` draws every patch at that area instead of ``train.area_range``
-(Table 4's columns are 5% and 10%). ``--temporal`` fuses the clip's logits another way in every
-setting (``defense.temporal``).
+keeps the attacked clips, and ``--load`` judges them again (the same recipe, ``--clips`` and
+``--area``). ``--area`` draws every patch at that area instead of ``train.area_range`` (Table 4's
+columns are 5% and 10%). ``--temporal`` fuses the clip's logits another way in every setting
+(``defense.temporal``).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def main() -> None:
 
     results, attacked = {}, {}
     if args.load:  # judge the clips --save wrote instead of attacking again
-        saved = torch.load(args.load)
+        saved = torch.load(args.load, weights_only=True)
         do_adv, attacked, args.settings = saved["do"], saved["attacked"], list(saved["attacked"])
     else:
         z_do, _, _ = patch_attack(model, None, x, y, mask, z0, iters, rec.attack.step, args.method)

@@ -493,8 +493,8 @@ def build_defense(
     """The one factory from a recipe's ``[defense]`` table to a :class:`PatchZero`.
 
     Settings, later ones winning: the checkpoint's meta, the recipe's ``section`` (``threshold``,
-    ``dilate``, ``temporal``, ``ema``, and ``input_size``, ``complete`` and ``patch_area`` when it sets them), then ``overrides``
-    (``None`` keeps the value before). ``mean`` is the downstream model's dataset mean, the colour
+    ``dilate``, ``temporal``, ``ema``, and ``input_size``, ``complete`` and ``patch_area`` when it
+    sets them), then ``overrides`` (``None`` keeps the value before). ``mean`` is the downstream model's dataset mean, the colour
     of the repaint. With ``detector`` (a network being trained) no checkpoint is read and the working
     resolution defaults to none; otherwise the weights are ``weights``, else ``section.weights``,
     else the shipped default detector. A ``.onnx`` path (``streamguard export``) runs under ONNX Runtime.

@@ -49,7 +49,7 @@ class DefenseSection:
     temporal: Literal["mean", "none", "ema", "median"] = "mean"
     ema: float = 0.5
     complete: Literal["none", "hull", "box", "square"] | None = None  # shape completion; default: the weights'
-    patch_area: float | None = None  # "square": the largest patch of the threat model (fraction of the frame); default: the weights' or 0.1
+    patch_area: float | None = None  # "square": the threat model's largest patch, a fraction of the frame (default 0.1)
 
 
 @dataclass
