@@ -234,6 +234,27 @@ def test_progress_in_a_log_file_is_plain_lines(monkeypatch: pytest.MonkeyPatch, 
     assert capsys.readouterr().err == ""
 
 
+def test_plain_progress_times_a_resumed_run_by_its_own_work(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A run resumed at 60 of 100 that does 10 more in 50 s has 150 s left, not the 25 s that 70 done in
+    50 s would say (``evaluate`` reports the resumed count first, before any work of its own)."""
+    import time
+
+    from streamguard.cli import common
+
+    now = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setenv("STREAMGUARD_NO_PROGRESS", "0")
+    monkeypatch.setattr(common, "PLAIN_EVERY", 1e9)
+    with common.progress_bar("evaluate", 100) as update:
+        update(completed=60)
+        now[0] = 50.0
+        update(completed=70)
+    first, last = capsys.readouterr().err.splitlines()
+    assert first == "evaluate  60/100  0 s", first  # nothing of its own done yet: no estimate
+    assert last == "evaluate  70/100  50 s  ~150 s left", last
+
+
 def test_watch_paces_a_file_prints_status_lines_and_snapshots(tmp_path: Path, ckpts: dict[str, Path],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """``watch`` on a 25 fps file reads it at 25 fps (not as fast as it decodes): about 50 frames in 2 s."""

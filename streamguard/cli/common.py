@@ -130,16 +130,20 @@ def _plain_progress(description: str, total: int | None, field: str | None) -> I
 
     start, due = time.monotonic(), Throttle(PLAIN_EVERY)
     state: dict[str, Any] = {"completed": 0, "total": total, **({field: ""} if field else {})}
+    first: list[tuple[float, int]] = []  # (clock, count) of the first update: a resumed run's work done before
 
     def line() -> str:
         done, of = state["completed"], state["total"]
         elapsed = time.monotonic() - start
         text = f"{description}  {done}" + (f"/{of}" if of else "") + f"  {elapsed:.0f} s"
-        if of and done:
-            text += f"  ~{elapsed * (of - done) / done:.0f} s left"
+        since, before = first[0] if first else (start, 0)
+        if of and done > before:  # the rate of this run's own work, not of the work it resumed from
+            text += f"  ~{(time.monotonic() - since) * (of - done) / (done - before):.0f} s left"
         return text + (f"  {state[field]}" if field and state[field] else "")
 
     def update(**kw: Any) -> None:
+        if not first and "completed" in kw:
+            first.append((time.monotonic(), kw["completed"]))
         state.update(kw)
         if due(time.monotonic()):
             print(line(), file=sys.stderr, flush=True)
