@@ -4,7 +4,7 @@
         [--method pgd|apgd] [--area A] [--settings none:3 hull:3 box:3 ...] [--judge square:3 ...]
         [--temporal mean|median] [--save CLIPS.pt | --load CLIPS.pt] [--json OUT]
 
-For each setting ``COMPLETE:DILATE[:LOW]`` (``complete`` none, hull, box or square; ``dilate`` in working-scale
+For each setting ``COMPLETE:DILATE[:LOW]`` (``complete`` none, hull, box, square or cover; ``dilate`` in working-scale
 pixels; ``LOW``, a trial not in the product: hysteresis, the mask grown from the pixels above the
 threshold into the connected pixels above ``LOW`` before the dilation, :class:`Hysteresis`): a fresh
 masked BPDA attack (``--method``, ``--iters``, default ``train.race.eval_iters``) through PatchZero with
@@ -16,7 +16,7 @@ patch (``leaks_closed``) and cut to the patch dilated by ``--near`` pixels (``sc
 downstream-only attack of the same method and iterations, made once against the model alone, judged
 through the setting (``do_*``: what over-masking costs when the detector finds the patch). Then, for
 every completed setting, the attacks made against ``none`` judged through it (a transfer: the attacker
-who ignores completion). ``--judge`` settings (``COMPLETE:DILATE[:PATCH_AREA]``, the last for "square")
+who ignores completion). ``--judge`` settings (``COMPLETE:DILATE[:PATCH_AREA]``, the last for "square" and "cover")
 are not attacked themselves, only judged on every attack made (one patient attack, many masks); ``--save``
 keeps the attacked clips, and ``--load`` judges them again (the same recipe, ``--clips`` and
 ``--area``). ``--area`` draws every patch at that area instead of ``train.area_range`` (Table 4's
@@ -97,7 +97,7 @@ def main() -> None:
 
     def build(setting: str) -> torch.nn.Module:
         complete, dilate, *low = setting.split(":")
-        area = {"patch_area": float(low.pop())} if complete == "square" and low else {}
+        area = {"patch_area": float(low.pop())} if complete in ("square", "cover") and low else {}
         defense = build_defense(rec.defense, weights=weights, mean=model.spec.mean, bpda=True, input_size=rec.data.size,
                                 complete=complete, dilate=int(dilate), **area,
                                 **({"temporal": args.temporal} if args.temporal else {})).eval()  # fmt: skip

@@ -39,9 +39,10 @@ if TYPE_CHECKING:
 
 Temporal = Literal["mean", "none", "ema", "median"]
 TEMPORAL: tuple[str, ...] = ("mean", "none", "ema", "median")
-Complete = Literal["none", "hull", "box", "square"]
-COMPLETE: tuple[str, ...] = ("none", "hull", "box", "square")
-SQUARE_MIN_CORE = 4  # "square" grows a region only when at least this many of its pixels pass the threshold
+Complete = Literal["none", "hull", "box", "square", "cover"]
+COMPLETE: tuple[str, ...] = ("none", "hull", "box", "square", "cover")
+GROWN: tuple[str, ...] = ("square", "cover")  # the completions that grow a region to the threat model's patch size
+SQUARE_MIN_CORE = 4  # "square" and "cover" grow a region only when at least this many of its pixels pass the threshold
 
 
 def dilate_mask(mask: Tensor, radius: int) -> Tensor:
@@ -60,8 +61,8 @@ def complete_mask(
     mask: Tensor, shape: Complete, prob: Tensor | None = None, side: int = 0, threshold: float = 0.5
 ) -> Tensor:
     """Shape completion: every 8-connected region of a 0/1 mask (..., H, W) replaced by its filled
-    convex hull ("hull"), its bounding box ("box") or a square of at least ``side`` pixels ("square");
-    "none" returns the mask.
+    convex hull ("hull"), its bounding box ("box"), a square of at least ``side`` pixels ("square")
+    or the union of all such squares that contain it ("cover"); "none" returns the mask.
 
     A patch is one solid shape, so the pixels an attacker keeps undetected in the hull or box of
     what was found (parts a dilation apart merge into one region first) are still repainted;
@@ -72,12 +73,16 @@ def complete_mask(
     still containing the region, placed where the detection probabilities ``prob`` (shape of
     ``mask``) sum highest, ties broken towards the middle of the places that contain it. Only regions
     with at least :data:`SQUARE_MIN_CORE` pixels of ``prob > threshold`` are grown; smaller ones (a
-    benign speck) get their box.
+    benign speck) get their box. "square" has to guess where the rest of a partly found patch lies,
+    and an attacker who keeps part of the patch undetected makes that guess from the scene's
+    probabilities; "cover" does not guess: if the region lies within a patch of at most ``side`` x
+    ``side``, the patch lies within the region's box grown by ``side`` minus its width (height) each
+    way, which is what it masks. A region found in full is not grown; an eroded one costs the scene.
     """
     if shape == "none" or not bool(mask.any()):
         return mask
-    if shape == "square" and (prob is None or side < 1):
-        raise ConfigError("square completion needs the detection probabilities and a side of at least 1 pixel")
+    if shape in GROWN and (prob is None or side < 1):
+        raise ConfigError(f"{shape} completion needs the detection probabilities and a side of at least 1 pixel")
     flat = (mask.detach().reshape(-1, *mask.shape[-2:]) > 0.5).to(torch.uint8).cpu().numpy()
     out = np.zeros_like(flat)
     for i in np.flatnonzero(flat.any(axis=(1, 2))):
@@ -87,13 +92,14 @@ def complete_mask(
                 cv2.fillConvexPoly(out[i], cv2.convexHull(contour), 1)
             continue
         count, labels, stats, _ = cv2.connectedComponentsWithStats(flat[i], connectivity=8)
-        if shape == "square":
+        if shape in GROWN:
             p = prob.detach().reshape(flat.shape)[i].double().cpu().numpy()  # type: ignore[union-attr]
             cores = np.bincount(labels[p > threshold], minlength=count)
             integral = cv2.integral(p)
         for k, (x, y, w, h) in enumerate(stats[1:count, :4], start=1):
-            if shape == "square" and cores[k] >= SQUARE_MIN_CORE:
-                x, y, w, h = _square_around(integral, x, y, w, h, side)
+            if shape in GROWN and cores[k] >= SQUARE_MIN_CORE:
+                grow = _square_around if shape == "square" else _cover_around
+                x, y, w, h = grow(integral, x, y, w, h, side)
             out[i, y : y + h, x : x + w] = 1
     return torch.from_numpy(out).to(mask).reshape(mask.shape)
 
@@ -111,6 +117,15 @@ def _square_around(integral: np.ndarray, x: int, y: int, w: int, h: int, side: i
     off_centre = (top - ys.mean()) ** 2 + (left - xs.mean()) ** 2
     best = np.lexsort((off_centre.ravel(), -np.round(mass.ravel(), 6)))[0]
     return int(left.ravel()[best]), int(top.ravel()[best]), int(bw), int(bh)
+
+
+def _cover_around(integral: np.ndarray, x: int, y: int, w: int, h: int, side: int) -> tuple[int, int, int, int]:
+    """The union of every ``side`` x ``side`` box (within the frame, at least the box's own size) that
+    contains the box ``(x, y, w, h)``; ``integral`` only gives the frame's size."""
+    rows, cols = integral.shape[0] - 1, integral.shape[1] - 1
+    bh, bw = max(h, min(side, rows)), max(w, min(side, cols))
+    top, left = max(0, y + h - bh), max(0, x + w - bw)
+    return left, top, min(cols, x + bw) - left, min(rows, y + bh) - top
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -151,7 +166,8 @@ class PatchZero(nn.Module):
     "none" masks each frame on its own.
     The mask is ``sigmoid(logit) > threshold`` dilated by ``dilate`` pixels, then with ``complete``
     each of its regions filled to its convex hull or bounding box, or grown to a square of the largest
-    patch the threat model allows (``patch_area`` of the working frame, plus the rim; :func:`complete_mask`).
+    patch the threat model allows (``patch_area`` of the working frame, plus the rim), or to the union of
+    all such squares that contain it (:func:`complete_mask`).
 
     Working resolution: with ``input_size`` ``(h, w)`` (the scale the detector was trained at, which
     travels in its weights' meta) every frame is resized to it (:func:`~streamguard.resize.resize_frames`, area averaging); the logits are fused,
@@ -207,7 +223,7 @@ class PatchZero(nn.Module):
         self.input_size = _size_pair(input_size)
         self.bpda, self.temperature, self.complete = bpda, float(temperature), complete
         self.patch_area = float(patch_area)
-        self.soft_square = False  # BPDA: the soft mask grown like "square" too (the evaluation's "grown" variant)
+        self.soft_square = False  # BPDA: the soft mask grown like "square" / "cover" too (the "grown" variant)
         self.register_buffer("mean", mean, persistent=False)
         self._state: Tensor | None = None
 
@@ -223,7 +239,7 @@ class PatchZero(nn.Module):
             "mean": [float(v) for v in self.mean.tolist()],
             "temperature": self.temperature,
             "complete": self.complete,
-            **({"patch_area": self.patch_area} if self.complete == "square" else {}),  # only "square" reads it
+            **({"patch_area": self.patch_area} if self.complete in GROWN else {}),  # only "square" and "cover" read it
         }
         if isinstance(self.detector, PSPNet):
             d = self.detector
@@ -379,8 +395,15 @@ class PatchZero(nn.Module):
 
     def _soft_mask(self, logits: Tensor) -> Tensor:
         center = math.log(self.threshold / (1 - self.threshold))
-        reach = self.dilate + (self._patch_side(logits) // 2 if self.soft_square and self.complete == "square" else 0)
+        reach = self.dilate + (self._grown_reach(logits) if self.soft_square else 0)
         return dilate_mask(torch.sigmoid((logits - center) / self.temperature), reach)
+
+    def _grown_reach(self, logits: Tensor) -> int:
+        """How far beyond the rim the "grown" stand-in spreads the soft mask: half the patch's side for
+        "square" (a square centred on what was found), the side less one for "cover" (a detected pixel's
+        cover reaches that far), nothing for the completions that do not grow."""
+        side = self._patch_side(logits)
+        return {"square": side // 2, "cover": side - 1}.get(self.complete, 0)
 
     def _patch_side(self, logits: Tensor) -> int:
         """The side of the threat model's largest square patch at the working scale, in pixels."""

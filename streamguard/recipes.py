@@ -48,8 +48,8 @@ class DefenseSection:
     dilate: int = 3
     temporal: Literal["mean", "none", "ema", "median"] = "mean"
     ema: float = 0.5
-    complete: Literal["none", "hull", "box", "square"] | None = None  # shape completion; default: the weights'
-    patch_area: float | None = None  # "square": the threat model's largest patch, a fraction of the frame (default 0.1)
+    complete: Literal["none", "hull", "box", "square", "cover"] | None = None  # shape completion; default: the weights'
+    patch_area: float | None = None  # "square", "cover": the threat model's largest patch, a fraction of the frame (default 0.1)
 
 
 @dataclass

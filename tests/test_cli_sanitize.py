@@ -361,9 +361,9 @@ def test_complete_reaches_the_defense_and_a_bad_value_is_one_line(tmp_path: Path
     recipe.write_text('extends = "camera"\n\n[defense]\ncomplete = "hull"\n')
     base = ["sanitize", str(src), "-o", str(tmp_path / "out.mp4"), "--detector", str(ckpts["none"])]
     for extra in ([], ["--complete", "box"], ["--recipe", str(recipe)], ["--recipe", str(recipe), "--complete", "none"],
-                  ["--complete", "square"]):  # fmt: skip
+                  ["--complete", "square"], ["--complete", "cover"]):  # fmt: skip
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 0, result.output
-    assert seen == ["none", "box", "hull", "none", "square"]
+    assert seen == ["none", "box", "hull", "none", "square", "cover"]
     bad = runner.invoke(app, base + ["--complete", "circle"])
     assert bad.exit_code != 0 and "defense.complete" in bad.output and "Traceback" not in bad.output

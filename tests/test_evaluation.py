@@ -431,10 +431,10 @@ def test_adaptive_variants_are_run_and_the_worst_case_reported(tmp_path: Path) -
             evaluate(r, model=_model(), patchzero=_patchzero(), dataset=CountingClips([0]))
 
 
-def test_grown_variant_widens_the_soft_mask_of_a_square_completion_only() -> None:
+def test_grown_variant_widens_the_soft_mask_of_a_growing_completion_only() -> None:
     """"grown" dilates BPDA's soft mask by half the square's side (a stand-in for the square completion,
-    so the gradient reaches every detection near the patch), leaves a box-completing defense as it is,
-    and gives the setting back."""
+    so the gradient reaches every detection near the patch) or by the side less one for its cover,
+    leaves a box-completing defense as it is, and gives the setting back."""
     from streamguard.evaluation.adaptive import variant
     from streamguard.recipes import AttackSection
 
@@ -446,6 +446,9 @@ def test_grown_variant_widens_the_soft_mask_of_a_square_completion_only() -> Non
     with variant("grown", defense, AttackSection(), None) as (through, _):
         assert through is defense and (defense._soft_mask(logits) > 0.5).sum().item() == 7 * 7  # reach 3
     assert plain == 1 and not defense.soft_square
+    defense.complete = "cover"  # a detected pixel's cover reaches the side less one: 11 x 11
+    with variant("grown", defense, AttackSection(), None):
+        assert (defense._soft_mask(logits) > 0.5).sum().item() == 11 * 11
     defense.complete = "box"
     with variant("grown", defense, AttackSection(), None):
         assert (defense._soft_mask(logits) > 0.5).sum().item() == 1

@@ -69,8 +69,8 @@ def sanitize(
     threshold: Annotated[float | None, typer.Option("--threshold", help="Mask threshold on patch probability.")] = None,
     dilate: Annotated[int | None, typer.Option("--dilate", min=0, help="Mask dilation radius (pixels).")] = None,
     complete: Annotated[str | None, typer.Option("--complete", help="Shape completion of each masked region: "
-        "none, hull (its convex hull), box (its bounding box) or square (grown to the largest patch of the "
-        "threat model). Default: the detector's.")] = None,
+        "none, hull (its convex hull), box (its bounding box), square (grown to the largest patch of the "
+        "threat model) or cover (grown to every place such a patch could extend to). Default: the detector's.")] = None,
     overlay: Annotated[Path | None, typer.Option("--overlay", help="Side-by-side input | mask | sanitized MP4 "
         "(many videos: a folder of <stem>.mp4, not the output folder).")] = None,
     predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model "

@@ -14,8 +14,9 @@ BPDA attack (the defense's own soft mask, sigmoid temperature 4), each variant o
 * ``uncompleted``: BPDA through the same defense without shape completion (``complete = "none"``;
   the attacker ignores it, in case its identity approximation misleads the plain attack), scored
   through the real one;
-* ``grown``: BPDA whose soft mask is dilated by half the square's side besides the rim when the
-  defense completes to squares (``complete = "square"``): a differentiable stand-in for the square,
+* ``grown``: BPDA whose soft mask is dilated besides the rim by half the square's side when the
+  defense completes to squares (``complete = "square"``), by the side less one when it completes to
+  their cover (``"cover"``): a differentiable stand-in for the completion,
   under which every detected pixel near the patch costs the attacker its whole neighbourhood, so
   the attack drives all of them down instead of the patch's border alone (no change otherwise);
 * ``mean-fused``: BPDA through the same defense with the clip's logits averaged over time
