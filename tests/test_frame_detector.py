@@ -282,6 +282,13 @@ def test_frame_grid_refuses_autopgd(synth: Path, tmp_path: Path) -> None:
         evaluate(rec, patchzero=PatchZero(PSPNet("resnet18", width=0.1, aux=False), mean=(0.5, 0.5, 0.5)))
 
 
+def test_frame_grid_refuses_restarts_it_cannot_make(synth: Path, tmp_path: Path) -> None:
+    """ART's PGD for detectors has no random start: a 'restarts' variant would be the plain attack again."""
+    rec = recipe(tmp_path, synth, evaluate={"bpda_variants": ["t1", "uncompleted+restarts"]})
+    with pytest.raises(ConfigError, match="'restarts' needs a random start"):
+        evaluate(rec, patchzero=PatchZero(PSPNet("resnet18", width=0.1, aux=False), mean=(0.5, 0.5, 0.5)))
+
+
 # ---------------------------------------------------------------- PatchZero stage 2 against the frame detector
 
 

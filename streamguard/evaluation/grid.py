@@ -330,6 +330,8 @@ def evaluate(
     frames = model.spec.task == "frame"
     if frames and set(recipe.attack.methods) != {"pgd"}:
         raise ConfigError(f"attack.methods: a frame detector is attacked with masked PGD only, got {recipe.attack.methods}")
+    if frames and any("restarts" in v.split("+") for v in recipe.evaluate.bpda_variants):
+        raise ConfigError("evaluate.bpda_variants: 'restarts' needs a random start, which the frame detector's attack has not")
     model = model.to(device).eval()
     defenses = {name: d.to(device) for name, d in build_defenses(recipe, model, patchzero).items()}
     if dataset is None:
