@@ -17,7 +17,9 @@ Decisions worth knowing:
 * **Resolution changes.** Frames are scaled to the first frame's size, so a stream that changes
   resolution mid-way keeps one size (as sinks and clips need).
 * **Live failures.** A read error on a live source is a :class:`StreamError` (as a stall is);
-  :class:`ReconnectingSource` reopens the source instead, with backoff.
+  :class:`ReconnectingSource` reopens the source instead, with backoff. A live source is opened in
+  a helper thread (:func:`_open_interruptibly`), so Ctrl-C while a silent source is awaited stops
+  at once instead of when the open timeout ends.
 * **Cameras.** ``/dev/videoN`` opens with FFmpeg's ``video4linux2`` input; when PyAV cannot open
   it (no v4l2 support in the build, an unsupported pixel format) OpenCV's ``VideoCapture`` is used.
 * **Real-time pacing** (``realtime=True``, ffmpeg's ``-re``). A file or a lavfi graph is read as
@@ -302,7 +304,10 @@ def _open_av(uri: str, name: str, *, format: str | None, live: bool, timeout: fl
              max_pixels: int = MAX_PIXELS, realtime: bool = False) -> VideoSource:
     options = options or {}
     try:
-        container = av.open(uri, format=format, options=options, timeout=timeout if live else None)
+        if live:
+            container = _open_interruptibly(uri, format=format, options=options, timeout=timeout)
+        else:
+            container = av.open(uri, format=format, options=options)
     except av.error.ExitError:
         raise StreamError(f"{name}: no answer within {timeout:g} s") from None
     except (av.error.FFmpegError, OSError) as err:
@@ -314,6 +319,42 @@ def _open_av(uri: str, name: str, *, format: str | None, live: bool, timeout: fl
     except BaseException:
         container.close()
         raise
+
+
+def _open_interruptibly(uri: str, **kw: Any) -> Any:
+    """``av.open`` of a live source in a daemon thread, waited for in short joins: FFmpeg does not
+    return to Python while it waits for a silent source (up to the open timeout), so Ctrl-C would
+    otherwise be seen only when that timeout ends. Interrupted, the container is closed whenever
+    the thread gets it."""
+    done: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            container = av.open(uri, **kw)
+        except BaseException as err:  # handed to the caller
+            done["error"] = err
+            return
+        with lock:
+            if done.get("abandoned"):
+                container.close()
+            else:
+                done["container"] = container
+
+    thread = threading.Thread(target=run, name="open", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.1)
+    except BaseException:
+        with lock:
+            done["abandoned"] = True
+            if "container" in done:
+                done.pop("container").close()
+        raise
+    if "error" in done:
+        raise done["error"]
+    return done["container"]
 
 
 def _open_camera(uri: str, timeout: float, options: dict[str, str] | None = None) -> VideoSource:

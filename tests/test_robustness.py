@@ -250,6 +250,29 @@ def test_watch_without_reconnect_fails_fast_and_keeps_the_recording(tmp_path: Pa
     assert len(frames_of(out)) >= 16
 
 
+def test_interrupting_the_open_of_a_silent_stream_returns_at_once() -> None:
+    """Ctrl-C while FFmpeg waits for a source that accepted the connection but sends nothing: the
+    open timeout (30 s) is not waited out, and no thread is left holding a container."""
+    import socket
+
+    from streamguard.io import open_source
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def interrupt() -> None:
+            time.sleep(0.5)
+            interrupted.append(time.monotonic())
+            _thread.interrupt_main()
+
+        interrupted: list[float] = []
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            open_source(f"tcp://127.0.0.1:{server.getsockname()[1]}", live=True, timeout=30)
+        assert time.monotonic() - interrupted[0] < 2.0
+
+
 def test_interrupting_a_stalled_watch_returns_quickly_with_a_playable_file(tmp_path: Path, detector: Path) -> None:
     """Ctrl-C while the source is silent (and the read timeout is long) still stops within seconds."""
     out = tmp_path / "live.mp4"
