@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from streamguard.metrics import PixelCounts
-from streamguard.patchzero import PatchZero, build_defense, complete_mask, dilate_mask
+from streamguard.patchzero import GROWN, PatchZero, build_defense, complete_mask, dilate_mask
 from streamguard.recipes import load_recipe
 from streamguard.training.attack_cache import load_downstream
 from streamguard.training.race import patch_attack
@@ -97,7 +97,7 @@ def main() -> None:
 
     def build(setting: str) -> torch.nn.Module:
         complete, dilate, *low = setting.split(":")
-        area = {"patch_area": float(low.pop())} if complete in ("square", "cover") and low else {}
+        area = {"patch_area": float(low.pop())} if complete in GROWN and low else {}
         defense = build_defense(rec.defense, weights=weights, mean=model.spec.mean, bpda=True, input_size=rec.data.size,
                                 complete=complete, dilate=int(dilate), **area,
                                 **({"temporal": args.temporal} if args.temporal else {})).eval()  # fmt: skip

@@ -252,7 +252,7 @@ def test_watch_without_reconnect_fails_fast_and_keeps_the_recording(tmp_path: Pa
 
 def test_interrupting_the_open_of_a_silent_stream_returns_at_once() -> None:
     """Ctrl-C while FFmpeg waits for a source that accepted the connection but sends nothing: the
-    open timeout (30 s) is not waited out, and no thread is left holding a container."""
+    open timeout (30 s) is not waited out."""
     import socket
 
     from streamguard.io import open_source
