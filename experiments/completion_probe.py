@@ -4,7 +4,8 @@
         [--method pgd|apgd] [--area A] [--settings none:3 hull:3 box:3 ...] [--judge square:3 ...]
         [--temporal mean|median] [--save CLIPS.pt | --load CLIPS.pt] [--json OUT]
 
-For each setting ``COMPLETE:DILATE[:LOW]`` (``complete`` none, hull, box, square or cover; ``dilate`` in working-scale
+For each setting ``COMPLETE:DILATE[:LOW]`` (``complete`` none, hull, box, square or cover, or ``coverK``, a cover sized
+by each region, squares of at most K times its longer side (``defense.cover_scale``); ``dilate`` in working-scale
 pixels; ``LOW``, a trial not in the product: hysteresis, the mask grown from the pixels above the
 threshold into the connected pixels above ``LOW`` before the dilation, :class:`Hysteresis`): a fresh
 masked BPDA attack (``--method``, ``--iters``, default ``train.race.eval_iters``) through PatchZero with
@@ -97,9 +98,11 @@ def main() -> None:
 
     def build(setting: str) -> torch.nn.Module:
         complete, dilate, *low = setting.split(":")
+        scale = float(complete[len("cover"):] or 0) if complete.startswith("cover") else 0.0
+        complete = "cover" if scale else complete
         area = {"patch_area": float(low.pop())} if complete in GROWN and low else {}
         defense = build_defense(rec.defense, weights=weights, mean=model.spec.mean, bpda=True, input_size=rec.data.size,
-                                complete=complete, dilate=int(dilate), **area,
+                                complete=complete, dilate=int(dilate), cover_scale=scale, **area,
                                 **({"temporal": args.temporal} if args.temporal else {})).eval()  # fmt: skip
         if low:
             defense.__class__, defense.low = Hysteresis, float(low[0])

@@ -58,7 +58,7 @@ def dilate_mask(mask: Tensor, radius: int) -> Tensor:
 
 
 def complete_mask(
-    mask: Tensor, shape: Complete, prob: Tensor | None = None, side: int = 0, threshold: float = 0.5
+    mask: Tensor, shape: Complete, prob: Tensor | None = None, side: int = 0, threshold: float = 0.5, scale: float = 0.0
 ) -> Tensor:
     """Shape completion: every 8-connected region of a 0/1 mask (..., H, W) replaced by its filled
     convex hull ("hull"), its bounding box ("box"), a square of at least ``side`` pixels ("square")
@@ -78,6 +78,8 @@ def complete_mask(
     probabilities; "cover" does not guess: if the region lies within a patch of at most ``side`` x
     ``side``, the patch lies within the region's box grown by ``side`` minus its width (height) each
     way, which is what it masks. A region found in full is not grown; an eroded one costs the scene.
+    ``scale`` > 0 sizes each region's cover by the region: squares of ``min(side, ceil(scale * max(w, h)))``,
+    so a small region (a benign speck, or what an attacker left of a small patch) greys less of the scene.
     """
     if shape == "none" or not bool(mask.any()):
         return mask
@@ -99,7 +101,8 @@ def complete_mask(
         for k, (x, y, w, h) in enumerate(stats[1:count, :4], start=1):
             if shape in GROWN and cores[k] >= SQUARE_MIN_CORE:
                 grow = _square_around if shape == "square" else _cover_around
-                x, y, w, h = grow(integral, x, y, w, h, side)
+                own = min(side, math.ceil(scale * max(w, h))) if shape == "cover" and scale > 0 else side
+                x, y, w, h = grow(integral, x, y, w, h, own)
             out[i, y : y + h, x : x + w] = 1
     return torch.from_numpy(out).to(mask).reshape(mask.shape)
 
@@ -167,7 +170,8 @@ class PatchZero(nn.Module):
     The mask is ``sigmoid(logit) > threshold`` dilated by ``dilate`` pixels, then with ``complete``
     each of its regions filled to its convex hull or bounding box, or grown to a square of the largest
     patch the threat model allows (``patch_area`` of the working frame, plus the rim), or to the union of
-    all such squares that contain it (:func:`complete_mask`).
+    all such squares that contain it (:func:`complete_mask`; with ``cover_scale`` > 0 a region's squares
+    are at most that many times its longer side).
 
     Working resolution: with ``input_size`` ``(h, w)`` (the scale the detector was trained at, which
     travels in its weights' meta) every frame is resized to it (:func:`~streamguard.resize.resize_frames`, area averaging); the logits are fused,
@@ -199,6 +203,7 @@ class PatchZero(nn.Module):
         temperature: float = 4.0,
         complete: Complete = "none",
         patch_area: float = 0.1,
+        cover_scale: float = 0.0,
     ) -> None:
         super().__init__()
         mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
@@ -218,11 +223,13 @@ class PatchZero(nn.Module):
             raise ConfigError(f"defense.complete must be one of {', '.join(COMPLETE)}, got {complete!r}")
         if not 0 < patch_area <= 1:
             raise ConfigError(f"defense.patch_area must be a fraction of the frame in (0, 1], got {patch_area}")
+        if cover_scale < 0:
+            raise ConfigError(f"defense.cover_scale must be >= 0 (0: every cover the largest patch's), got {cover_scale}")
         self.detector = detector
         self.threshold, self.dilate, self.temporal, self.ema = float(threshold), int(dilate), temporal, float(ema)
         self.input_size = _size_pair(input_size)
         self.bpda, self.temperature, self.complete = bpda, float(temperature), complete
-        self.patch_area = float(patch_area)
+        self.patch_area, self.cover_scale = float(patch_area), float(cover_scale)
         self.soft_square = False  # BPDA: the soft mask grown like "square" / "cover" too (the "grown" variant)
         self.register_buffer("mean", mean, persistent=False)
         self._state: Tensor | None = None
@@ -240,6 +247,7 @@ class PatchZero(nn.Module):
             "temperature": self.temperature,
             "complete": self.complete,
             **({"patch_area": self.patch_area} if self.complete in GROWN else {}),  # only "square" and "cover" read it
+            **({"cover_scale": self.cover_scale} if self.complete == "cover" and self.cover_scale else {}),
         }
         if isinstance(self.detector, PSPNet):
             d = self.detector
@@ -391,7 +399,7 @@ class PatchZero(nn.Module):
         prob = torch.sigmoid(logits)
         mask = dilate_mask((prob > self.threshold).to(logits.dtype), self.dilate)
         side = self._patch_side(logits) + 2 * self.dilate  # the largest patch, detected with its rim
-        return complete_mask(mask, self.complete, prob, side, self.threshold)
+        return complete_mask(mask, self.complete, prob, side, self.threshold, self.cover_scale)
 
     def _soft_mask(self, logits: Tensor) -> Tensor:
         center = math.log(self.threshold / (1 - self.threshold))
@@ -468,7 +476,7 @@ def _restore(t: Tensor, frames: bool) -> Tensor:
 
 _DETECTOR_KEYS = ("backbone", "width", "aux", "refine")
 _DEFENSE_KEYS = ("mean", "threshold", "dilate", "temporal", "ema", "input_size", "bpda", "temperature", "complete",
-                 "patch_area")  # fmt: skip
+                 "patch_area", "cover_scale")  # fmt: skip
 
 
 def save_defense(defense: PatchZero, path: str | os.PathLike[str], **extra_meta: Any) -> str:
@@ -516,7 +524,7 @@ def build_defense(
     """The one factory from a recipe's ``[defense]`` table to a :class:`PatchZero`.
 
     Settings, later ones winning: the checkpoint's meta, the recipe's ``section`` (``threshold``,
-    ``dilate``, ``temporal``, ``ema``, and ``input_size``, ``complete`` and ``patch_area`` when it
+    ``dilate``, ``temporal``, ``ema``, and ``input_size``, ``complete``, ``patch_area`` and ``cover_scale`` when it
     sets them), then ``overrides`` (``None`` keeps the value before). ``mean`` is the downstream model's dataset mean, the colour
     of the repaint. With ``detector`` (a network being trained) no checkpoint is read and the working
     resolution defaults to none; otherwise the weights are ``weights``, else ``section.weights``,
@@ -526,7 +534,7 @@ def build_defense(
     if section is not None:
         settings = {"threshold": section.threshold, "dilate": section.dilate, "temporal": section.temporal,
                     "ema": section.ema, "input_size": section.input_size, "complete": section.complete,
-                    "patch_area": section.patch_area}  # fmt: skip
+                    "patch_area": section.patch_area, "cover_scale": section.cover_scale}  # fmt: skip
     settings |= {k: v for k, v in overrides.items() if v is not None}
     if mean is not None:
         settings["mean"] = tuple(float(v) for v in mean)

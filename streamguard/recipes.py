@@ -50,6 +50,7 @@ class DefenseSection:
     ema: float = 0.5
     complete: Literal["none", "hull", "box", "square", "cover"] | None = None  # shape completion; default: the weights'
     patch_area: float | None = None  # "square", "cover": the threat model's largest patch, a fraction of the frame (default 0.1)
+    cover_scale: float | None = None  # "cover": each region's squares at most this times its longer side (default 0: the largest patch)
 
 
 @dataclass

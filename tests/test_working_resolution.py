@@ -196,6 +196,35 @@ def test_cover_completion_masks_every_place_the_patch_can_reach() -> None:
         complete_mask(mask, "cover")
 
 
+def test_cover_sized_by_the_region_greys_less_around_a_small_region(tmp_path) -> None:
+    """With ``scale`` the cover's squares are at most ``scale`` times the region's longer side (and at
+    most ``side``): a 4x4 region under scale 1.5 reaches 2 pixels each way (8x8), a 10x6 one the whole
+    side's reach (10 each way less its size), and scale 0 is the plain cover. PatchZero's
+    ``cover_scale`` does the same, travels in the weights' meta and is a recipe setting."""
+    from streamguard.patchzero import load_defense, save_defense
+
+    mask = torch.zeros(1, 1, 1, 40, 40)
+    mask[..., 4:8, 4:8] = 1  # a small region
+    mask[..., 20:30, 24:30] = 1  # a larger one, 10 high and 6 wide
+    prob = mask * 0.8 + 0.1
+    cover = complete_mask(mask, "cover", prob, 10, scale=1.5)[0, 0, 0]
+    assert cover[2:10, 2:10].all() and cover[:20].sum() == 64
+    assert cover[20:30, 20:34].all() and cover[20:].sum() == 10 * 14
+    assert torch.equal(complete_mask(mask, "cover", prob, 10, scale=0.0), complete_mask(mask, "cover", prob, 10))
+    x = torch.zeros(1, 3, 2, 20, 20)
+    x[..., 6:8, 6:8] = 1.0  # a 2x2 detection: a 4-pixel core
+    sized = PatchZero(_Spot(), (0.5, 0.5, 0.5), dilate=0, complete="cover", patch_area=0.09, cover_scale=1.5)
+    assert sized.mask(x)[0, 0, 0].sum().item() == 4 * 4  # squares of 3 (not 6): 1 pixel each way
+    assert PatchZero(_Spot(), (0.5, 0.5, 0.5), dilate=0, complete="cover", patch_area=0.09).mask(x).sum() == 2 * 10 * 10
+    with pytest.raises(ConfigError, match="cover_scale"):
+        PatchZero(_Spot(), (0.5, 0.5, 0.5), cover_scale=-1.0)
+    detector = PSPNet("mobilenet_v3", aux=False, width=0.125)
+    save_defense(PatchZero(detector, (0.5, 0.5, 0.5), complete="cover", cover_scale=2.0), tmp_path / "pz.pt")
+    assert load_defense(tmp_path / "pz.pt").cover_scale == 2.0
+    section = DefenseSection(complete="cover", cover_scale=1.25)
+    assert build_defense(section, weights=tmp_path / "pz.pt", mean=(0.5,) * 3).cover_scale == 1.25
+
+
 def test_square_completion_in_the_defense_follows_patch_area(tmp_path) -> None:
     """PatchZero's square is the side of ``patch_area`` of the working frame plus the rim on each side,
     in the float and the uint8 path alike; ``patch_area`` travels in the weights' meta."""
