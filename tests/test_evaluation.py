@@ -328,7 +328,9 @@ def test_a_retrained_detector_recomputes_only_patchzero_cells(tmp_path: Path) ->
     fresh = evaluate(r, model=_model(), patchzero=retrained, dataset=CountingClips([0, 1]), resume=False)
     assert fresh.samples == second.samples and fresh.settings["fingerprint"] != first.settings["fingerprint"]
     r.evaluate.defenses = ["none"]  # a run of fewer defenses keeps the others' records for later
-    evaluate(r, model=_model(), patchzero=retrained, dataset=CountingClips([0, 1]))
+    counts: list[tuple[int, int]] = []
+    evaluate(r, model=_model(), patchzero=retrained, dataset=CountingClips([0, 1]), on_progress=lambda d, t: counts.append((d, t)))
+    assert counts == [(len([rec for rec in others if rec["defense"] == "none"]),) * 2]  # only its own cells count
     r.evaluate.defenses = ["none", "gt", "patchzero"]
     seen.clear()
     evaluate(r, model=_model(), patchzero=retrained, dataset=CountingClips([0, 1]), on_progress=lambda d, t: seen.append(d))

@@ -357,12 +357,12 @@ def evaluate(
     out = Path(recipe.evaluate.output) if shard is None else shard_dir(recipe.evaluate.output, shard)
     log = SampleLog(out / "samples.jsonl", parts, {"recipe": settings["recipe"]}, resume)
     runner = (_FrameGrid if frames else _Grid)(recipe, model, defenses, log)
-    wanted = set(videos)
-    total = len(runner.cells) * len(videos)
+    wanted, cells = set(videos), {(d, s.key) for d, s in runner.cells}
+    total = len(cells) * len(videos)
 
-    def progress() -> None:
+    def progress() -> None:  # the log may hold other videos' and defenses' records too: those are not this run's
         if on_progress is not None:
-            on_progress(sum(1 for _, _, v in log.done if v in wanted), total)
+            on_progress(sum(1 for d, a, v in log.done if v in wanted and (d, a) in cells), total)
 
     progress()
     for chunk, ids in chunks:
