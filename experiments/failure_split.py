@@ -2,7 +2,8 @@
 
     python experiments/failure_split.py runs/evaluate/synth-clip [--markdown OUT]
 
-Reads an evaluation's ``samples.jsonl`` (``streamguard evaluate``) and, per PatchZero attack cell, splits
+Reads an evaluation's ``samples.jsonl`` (``streamguard evaluate``; only the videos of its ``report.json``, the
+last run's, when there is one) and, per PatchZero attack cell, splits
 the fooled videos by the patch pixels the mask found: all of them (recall >= ``--full``: the patch is
 repainted, so the clip was lost to the grey over the scene, over-masking) or not (holes: patch pixels
 reach the model). Descriptive only: nothing is chosen on it, since these are the tables' test videos.
@@ -53,6 +54,10 @@ def main() -> None:
     args = parser.parse_args()
     lines = (args.output / "samples.jsonl").read_text().splitlines()
     samples = [s for s in map(json.loads, lines) if "header" not in s]
+    report = args.output / "report.json"  # the log may hold more videos than the last run's (--max-videos)
+    if report.exists():
+        videos = set(json.loads(report.read_text())["videos"])
+        samples = [s for s in samples if s["video"] in videos]
     table = markdown(split(samples, args.full), args.full)
     print(table, end="")
     if args.markdown:
