@@ -17,7 +17,8 @@ patch (``leaks_closed``) and cut to the patch dilated by ``--near`` pixels (``sc
 downstream-only attack of the same method and iterations, made once against the model alone, judged
 through the setting (``do_*``: what over-masking costs when the detector finds the patch). Then, for
 every completed setting, the attacks made against ``none`` judged through it (a transfer: the attacker
-who ignores completion). ``--judge`` settings (``COMPLETE:DILATE[:PATCH_AREA]``, the last for "square" and "cover")
+who ignores completion). ``--judge`` settings (``COMPLETE:DILATE[:PATCH_AREA[,SMALLER,...]]``, the last for "square" and "cover"; the
+smaller areas ``defense.patch_areas``, "cover" only)
 are not attacked themselves, only judged on every attack made (one patient attack, many masks); ``--save``
 keeps the attacked clips, and ``--load`` judges them again (the same recipe, ``--clips`` and
 ``--area``). ``--area`` draws every patch at that area instead of ``train.area_range`` (Table 4's
@@ -100,7 +101,8 @@ def main() -> None:
         complete, dilate, *low = setting.split(":")
         scale = float(complete[len("cover"):] or 0) if complete.startswith("cover") else 0.0
         complete = "cover" if scale else complete
-        area = {"patch_area": float(low.pop())} if complete in GROWN and low else {}
+        areas = sorted(map(float, low.pop().split(","))) if complete in GROWN and low else []
+        area = {"patch_area": areas[-1], "patch_areas": areas[:-1]} if areas else {}
         defense = build_defense(rec.defense, weights=weights, mean=model.spec.mean, bpda=True, input_size=rec.data.size,
                                 complete=complete, dilate=int(dilate), cover_scale=scale, **area,
                                 **({"temporal": args.temporal} if args.temporal else {})).eval()  # fmt: skip

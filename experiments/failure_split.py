@@ -6,7 +6,9 @@ Reads an evaluation's ``samples.jsonl`` (``streamguard evaluate``; only the vide
 last run's, when there is one) and, per PatchZero attack cell, splits
 the fooled videos by the patch pixels the mask found: all of them (recall >= ``--full``: the patch is
 repainted, so the clip was lost to the grey over the scene, over-masking) or not (holes: patch pixels
-reach the model). Descriptive only: nothing is chosen on it, since these are the tables' test videos.
+reach the model). Then, per column, the videos that survive every attack of it among those with all its cells (a
+worst case per video that a run stopped part-way can still give). Descriptive only: nothing is chosen on it,
+since these are the tables' test videos.
 """
 
 from __future__ import annotations
@@ -36,6 +38,21 @@ def split(samples: list[dict], full: float) -> dict[str, dict[str, float]]:
     return out
 
 
+def kept(samples: list[dict]) -> dict[str, tuple[int, int]]:
+    """Per Table 4 column (``method-area``) of the ``patchzero`` rows: (videos that survive every attack of the
+    column, videos with every one of its cells). For a run stopped part-way, whose report is not written."""
+    cells: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for s in samples:
+        if s.get("defense") == "patchzero" and s.get("mode") in ("do", "bpda"):
+            cells["-".join(s["attack"].split("-")[:2])][s["video"]].append(s["correct"])
+    attacks = max(len(v) for videos in cells.values() for v in videos.values())  # every column has the same attacks
+    out = {}
+    for column, videos in sorted(cells.items()):
+        whole = [v for v in videos.values() if len(v) == attacks]
+        out[column] = (sum(all(v) for v in whole), len(whole))
+    return out
+
+
 def markdown(cells: dict[str, dict[str, float]], full: float) -> str:
     lines = [f"| PatchZero cell | videos | fooled | patch found in full (recall >= {full}) | through holes | holes' median recall | "
              "masked pixels outside the patch (fooled, mean per video) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -59,6 +76,7 @@ def main() -> None:
         videos = set(json.loads(report.read_text())["videos"])
         samples = [s for s in samples if s["video"] in videos]
     table = markdown(split(samples, args.full), args.full)
+    table += "\n" + "\n".join(f"{c}: {k} of {n} videos survive every attack of the column" for c, (k, n) in kept(samples).items()) + "\n"
     print(table, end="")
     if args.markdown:
         args.markdown.write_text(table)

@@ -41,6 +41,7 @@ Temporal = Literal["mean", "none", "ema", "median"]
 TEMPORAL: tuple[str, ...] = ("mean", "none", "ema", "median")
 Complete = Literal["none", "hull", "box", "square", "cover"]
 COMPLETE: tuple[str, ...] = ("none", "hull", "box", "square", "cover")
+SoftReach = Literal["rim", "completion", "patch"]
 GROWN: tuple[str, ...] = ("square", "cover")  # the completions that grow a region to the threat model's patch size
 SQUARE_MIN_CORE = 4  # "square" and "cover" grow a region only when at least this many of its pixels pass the threshold
 
@@ -58,7 +59,13 @@ def dilate_mask(mask: Tensor, radius: int) -> Tensor:
 
 
 def complete_mask(
-    mask: Tensor, shape: Complete, prob: Tensor | None = None, side: int = 0, threshold: float = 0.5, scale: float = 0.0
+    mask: Tensor,
+    shape: Complete,
+    prob: Tensor | None = None,
+    side: int = 0,
+    threshold: float = 0.5,
+    scale: float = 0.0,
+    smaller: Sequence[int] = (),
 ) -> Tensor:
     """Shape completion: every 8-connected region of a 0/1 mask (..., H, W) replaced by its filled
     convex hull ("hull"), its bounding box ("box"), a square of at least ``side`` pixels ("square")
@@ -80,6 +87,9 @@ def complete_mask(
     way, which is what it masks. A region found in full is not grown; an eroded one costs the scene.
     ``scale`` > 0 sizes each region's cover by the region: squares of ``min(side, ceil(scale * max(w, h)))``,
     so a small region (a benign speck, or what an attacker left of a small patch) greys less of the scene.
+    ``smaller`` are the sides of the threat model's smaller patches: a region's cover is built for the
+    smallest of them that holds its longer side (``side`` if none does), so a small patch found in full
+    is covered to about its own size, while a region too long for it gets the largest patch's cover.
     """
     if shape == "none" or not bool(mask.any()):
         return mask
@@ -101,10 +111,17 @@ def complete_mask(
         for k, (x, y, w, h) in enumerate(stats[1:count, :4], start=1):
             if shape in GROWN and cores[k] >= SQUARE_MIN_CORE:
                 grow = _square_around if shape == "square" else _cover_around
-                own = min(side, math.ceil(scale * max(w, h))) if shape == "cover" and scale > 0 else side
+                own = _cover_side(side, smaller, max(w, h), scale) if shape == "cover" else side
                 x, y, w, h = grow(integral, x, y, w, h, own)
             out[i, y : y + h, x : x + w] = 1
     return torch.from_numpy(out).to(mask).reshape(mask.shape)
+
+
+def _cover_side(side: int, smaller: Sequence[int], length: int, scale: float) -> int:
+    """The square side a region of longer side ``length`` is covered for: the smallest patch side that
+    holds it (``smaller``, else ``side``), capped at ``scale`` times ``length`` when ``scale`` > 0."""
+    own = min((s for s in smaller if length <= s < side), default=side)
+    return min(own, math.ceil(scale * length)) if scale > 0 else own
 
 
 def _square_around(integral: np.ndarray, x: int, y: int, w: int, h: int, side: int) -> tuple[int, int, int, int]:
@@ -171,7 +188,8 @@ class PatchZero(nn.Module):
     each of its regions filled to its convex hull or bounding box, or grown to a square of the largest
     patch the threat model allows (``patch_area`` of the working frame, plus the rim), or to the union of
     all such squares that contain it (:func:`complete_mask`; with ``cover_scale`` > 0 a region's squares
-    are at most that many times its longer side).
+    are at most that many times its longer side; with ``patch_areas``, the threat model's smaller patches,
+    a region is covered for the smallest of them that holds it, so a small patch found in full greys little).
 
     Working resolution: with ``input_size`` ``(h, w)`` (the scale the detector was trained at, which
     travels in its weights' meta) every frame is resized to it (:func:`~streamguard.resize.resize_frames`, area averaging); the logits are fused,
@@ -204,6 +222,7 @@ class PatchZero(nn.Module):
         complete: Complete = "none",
         patch_area: float = 0.1,
         cover_scale: float = 0.0,
+        patch_areas: Sequence[float] = (),
     ) -> None:
         super().__init__()
         mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
@@ -223,6 +242,8 @@ class PatchZero(nn.Module):
             raise ConfigError(f"defense.complete must be one of {', '.join(COMPLETE)}, got {complete!r}")
         if not 0 < patch_area <= 1:
             raise ConfigError(f"defense.patch_area must be a fraction of the frame in (0, 1], got {patch_area}")
+        if any(not 0 < a <= patch_area for a in patch_areas):
+            raise ConfigError(f"defense.patch_areas must be fractions of the frame in (0, patch_area = {patch_area}], got {list(patch_areas)}")
         if cover_scale < 0:
             raise ConfigError(f"defense.cover_scale must be >= 0 (0: every cover the largest patch's), got {cover_scale}")
         self.detector = detector
@@ -230,7 +251,8 @@ class PatchZero(nn.Module):
         self.input_size = _size_pair(input_size)
         self.bpda, self.temperature, self.complete = bpda, float(temperature), complete
         self.patch_area, self.cover_scale = float(patch_area), float(cover_scale)
-        self.soft_square = False  # BPDA: the soft mask grown like "square" / "cover" too (the "grown" variant)
+        self.patch_areas = tuple(sorted(float(a) for a in patch_areas))
+        self.soft_reach: SoftReach = "rim"  # how far BPDA's soft mask is spread (the "grown" and "spread" variants)
         self.register_buffer("mean", mean, persistent=False)
         self._state: Tensor | None = None
 
@@ -248,6 +270,7 @@ class PatchZero(nn.Module):
             "complete": self.complete,
             **({"patch_area": self.patch_area} if self.complete in GROWN else {}),  # only "square" and "cover" read it
             **({"cover_scale": self.cover_scale} if self.complete == "cover" and self.cover_scale else {}),
+            **({"patch_areas": list(self.patch_areas)} if self.complete == "cover" and self.patch_areas else {}),
         }
         if isinstance(self.detector, PSPNet):
             d = self.detector
@@ -399,24 +422,30 @@ class PatchZero(nn.Module):
         prob = torch.sigmoid(logits)
         mask = dilate_mask((prob > self.threshold).to(logits.dtype), self.dilate)
         side = self._patch_side(logits) + 2 * self.dilate  # the largest patch, detected with its rim
-        return complete_mask(mask, self.complete, prob, side, self.threshold, self.cover_scale)
+        smaller = [self._patch_side(logits, a) + 2 * self.dilate for a in self.patch_areas]
+        return complete_mask(mask, self.complete, prob, side, self.threshold, self.cover_scale, smaller)
 
     def _soft_mask(self, logits: Tensor) -> Tensor:
         center = math.log(self.threshold / (1 - self.threshold))
-        reach = self.dilate + (self._grown_reach(logits) if self.soft_square else 0)
+        reach = self.dilate + self._soft_spread(logits)
         return dilate_mask(torch.sigmoid((logits - center) / self.temperature), reach)
 
-    def _grown_reach(self, logits: Tensor) -> int:
-        """How far beyond the rim the "grown" stand-in spreads the soft mask: half the patch's side for
-        "square" (a square centred on what was found), the side less one for "cover" (a detected pixel's
-        cover reaches that far), nothing for the completions that do not grow."""
+    def _soft_spread(self, logits: Tensor) -> int:
+        """How far beyond the rim BPDA's soft mask is spread (``soft_reach``): not at all ("rim"); for
+        "completion", a stand-in for the completion, half the patch's side for "square" (a square centred
+        on what was found), the side less one for "cover" (a detected pixel's cover reaches that far),
+        nothing for the completions that do not grow; for "patch", the side less one whatever the
+        completion (every detection within a patch's reach costs the attacker its neighbourhood)."""
         side = self._patch_side(logits)
-        return {"square": side // 2, "cover": side - 1}.get(self.complete, 0)
+        if self.soft_reach == "patch":
+            return side - 1
+        grown = {"square": side // 2, "cover": side - 1}.get(self.complete, 0)
+        return grown if self.soft_reach == "completion" else 0
 
-    def _patch_side(self, logits: Tensor) -> int:
-        """The side of the threat model's largest square patch at the working scale, in pixels."""
+    def _patch_side(self, logits: Tensor, area: float | None = None) -> int:
+        """The side of the threat model's largest square patch (or one of ``area``) at the working scale, in pixels."""
         h, w = logits.shape[-2:]
-        return round(math.sqrt(self.patch_area * h * w))
+        return round(math.sqrt((area or self.patch_area) * h * w))
 
     def _repaint(self, clips: Tensor, mask: Tensor) -> Tensor:
         mean = self.mean.to(clips.dtype).view(1, -1, 1, 1, 1)
@@ -476,7 +505,7 @@ def _restore(t: Tensor, frames: bool) -> Tensor:
 
 _DETECTOR_KEYS = ("backbone", "width", "aux", "refine")
 _DEFENSE_KEYS = ("mean", "threshold", "dilate", "temporal", "ema", "input_size", "bpda", "temperature", "complete",
-                 "patch_area", "cover_scale")  # fmt: skip
+                 "patch_area", "cover_scale", "patch_areas")  # fmt: skip
 
 
 def save_defense(defense: PatchZero, path: str | os.PathLike[str], **extra_meta: Any) -> str:
@@ -524,7 +553,7 @@ def build_defense(
     """The one factory from a recipe's ``[defense]`` table to a :class:`PatchZero`.
 
     Settings, later ones winning: the checkpoint's meta, the recipe's ``section`` (``threshold``,
-    ``dilate``, ``temporal``, ``ema``, and ``input_size``, ``complete``, ``patch_area`` and ``cover_scale`` when it
+    ``dilate``, ``temporal``, ``ema``, and ``input_size``, ``complete``, ``patch_area``, ``patch_areas`` and ``cover_scale`` when it
     sets them), then ``overrides`` (``None`` keeps the value before). ``mean`` is the downstream model's dataset mean, the colour
     of the repaint. With ``detector`` (a network being trained) no checkpoint is read and the working
     resolution defaults to none; otherwise the weights are ``weights``, else ``section.weights``,
@@ -534,7 +563,8 @@ def build_defense(
     if section is not None:
         settings = {"threshold": section.threshold, "dilate": section.dilate, "temporal": section.temporal,
                     "ema": section.ema, "input_size": section.input_size, "complete": section.complete,
-                    "patch_area": section.patch_area, "cover_scale": section.cover_scale}  # fmt: skip
+                    "patch_area": section.patch_area, "cover_scale": section.cover_scale,
+                    "patch_areas": section.patch_areas}  # fmt: skip
     settings |= {k: v for k, v in overrides.items() if v is not None}
     if mean is not None:
         settings["mean"] = tuple(float(v) for v in mean)

@@ -51,6 +51,8 @@ class DefenseSection:
     complete: Literal["none", "hull", "box", "square", "cover"] | None = None  # shape completion; default: the weights'
     patch_area: float | None = None  # "square", "cover": the threat model's largest patch, a fraction of the frame (default 0.1)
     cover_scale: float | None = None  # "cover": each region's squares at most this times its longer side (default 0: the largest patch)
+    patch_areas: list[float] | None = None  # "cover": the threat model's smaller patches; a region is covered for the
+    # smallest that holds its longer side (default none: every region for the largest, patch_area)
 
 
 @dataclass

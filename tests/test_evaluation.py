@@ -436,7 +436,8 @@ def test_adaptive_variants_are_run_and_the_worst_case_reported(tmp_path: Path) -
 def test_grown_variant_widens_the_soft_mask_of_a_growing_completion_only() -> None:
     """"grown" dilates BPDA's soft mask by half the square's side (a stand-in for the square completion,
     so the gradient reaches every detection near the patch) or by the side less one for its cover,
-    leaves a box-completing defense as it is, and gives the setting back."""
+    leaves a box-completing defense as it is, and gives the setting back; "spread" dilates it by the
+    side less one whatever the completion."""
     from streamguard.evaluation.adaptive import variant
     from streamguard.recipes import AttackSection
 
@@ -447,13 +448,18 @@ def test_grown_variant_widens_the_soft_mask_of_a_growing_completion_only() -> No
     plain = (defense._soft_mask(logits) > 0.5).sum().item()
     with variant("grown", defense, AttackSection(), None) as (through, _):
         assert through is defense and (defense._soft_mask(logits) > 0.5).sum().item() == 7 * 7  # reach 3
-    assert plain == 1 and not defense.soft_square
+    assert plain == 1 and defense.soft_reach == "rim"
+    with variant("spread", defense, AttackSection(), None):
+        assert (defense._soft_mask(logits) > 0.5).sum().item() == 11 * 11  # reach 5 on the square too
     defense.complete = "cover"  # a detected pixel's cover reaches the side less one: 11 x 11
     with variant("grown", defense, AttackSection(), None):
         assert (defense._soft_mask(logits) > 0.5).sum().item() == 11 * 11
     defense.complete = "box"
     with variant("grown", defense, AttackSection(), None):
         assert (defense._soft_mask(logits) > 0.5).sum().item() == 1
+    with variant("spread", defense, AttackSection(), None):
+        assert (defense._soft_mask(logits) > 0.5).sum().item() == 11 * 11
+    assert defense.soft_reach == "rim"
 
 
 def test_combined_variants_apply_every_part_and_give_the_settings_back() -> None:

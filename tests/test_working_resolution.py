@@ -225,6 +225,36 @@ def test_cover_sized_by_the_region_greys_less_around_a_small_region(tmp_path) ->
     assert build_defense(section, weights=tmp_path / "pz.pt", mean=(0.5,) * 3).cover_scale == 1.25
 
 
+def test_cover_for_the_smallest_patch_that_holds_the_region(tmp_path) -> None:
+    """With ``smaller`` sides a region is covered for the smallest patch whose side holds its longer
+    side: a 6x6 region found in full under a 7-pixel small patch grows 1 pixel each way (8x8), where
+    the 12-pixel patch's cover is 18x18; a region 9 long is too long for it and gets the 12-pixel
+    cover. PatchZero's ``patch_areas`` does the same, travels in the weights' meta and is a recipe
+    setting; an area above ``patch_area`` is refused."""
+    from streamguard.patchzero import load_defense, save_defense
+
+    mask = torch.zeros(1, 1, 1, 48, 48)
+    mask[..., 10:16, 10:16] = 1  # a small patch found in full
+    mask[..., 30:39, 30:34] = 1  # a region 9 high: more than the small patch holds
+    prob = mask * 0.8 + 0.1
+    cover = complete_mask(mask, "cover", prob, 12, smaller=[7])[0, 0, 0]
+    assert cover[9:17, 9:17].all() and cover[:24].sum() == 8 * 8
+    assert cover[27:42, 22:42].all() and cover[24:].sum() == 15 * 20  # grown by 12 - 9 and 12 - 4 each way
+    plain = complete_mask(mask, "cover", prob, 12)[0, 0, 0]
+    assert plain[:24].sum() == 18 * 18 and torch.equal(plain[24:], cover[24:])
+    x = torch.zeros(1, 3, 2, 20, 20)
+    x[..., 6:8, 6:8] = 1.0  # a 2x2 detection: a 4-pixel core
+    sized = PatchZero(_Spot(), (0.5, 0.5, 0.5), dilate=0, complete="cover", patch_area=0.09, patch_areas=[0.01])
+    assert sized.mask(x)[0, 0, 0].sum().item() == 2 * 2  # the 2-pixel patch holds it: not grown
+    with pytest.raises(ConfigError, match="patch_areas"):
+        PatchZero(_Spot(), (0.5, 0.5, 0.5), complete="cover", patch_area=0.1, patch_areas=[0.2])
+    detector = PSPNet("mobilenet_v3", aux=False, width=0.125)
+    save_defense(PatchZero(detector, (0.5, 0.5, 0.5), complete="cover", patch_areas=[0.05]), tmp_path / "pz.pt")
+    assert load_defense(tmp_path / "pz.pt").patch_areas == (0.05,)
+    section = DefenseSection(complete="cover", patch_area=0.12, patch_areas=[0.06])
+    assert build_defense(section, weights=tmp_path / "pz.pt", mean=(0.5,) * 3).patch_areas == (0.06,)
+
+
 def test_square_completion_in_the_defense_follows_patch_area(tmp_path) -> None:
     """PatchZero's square is the side of ``patch_area`` of the working frame plus the rim on each side,
     in the float and the uint8 path alike; ``patch_area`` travels in the weights' meta."""

@@ -19,6 +19,10 @@ BPDA attack (the defense's own soft mask, sigmoid temperature 4), each variant o
   their cover (``"cover"``): a differentiable stand-in for the completion,
   under which every detected pixel near the patch costs the attacker its whole neighbourhood, so
   the attack drives all of them down instead of the patch's border alone (no change otherwise);
+* ``spread``: BPDA whose soft mask is dilated besides the rim by the largest patch's side less one,
+  whatever the completion (the cover's stand-in): on a square a wider spread than ``grown``'s, and
+  on every defense the attacker who drives down each detection within a patch's reach of the patch;
+  it may hide a patch from the detector altogether, and then no completion helps;
 * ``mean-fused``: BPDA through the same defense with the clip's logits averaged over time
   (``temporal = "mean"``) instead of its own fusion, scored through the real one: a median over
   frames passes the gradient to one frame a pixel, which may mislead the plain attack; the mean
@@ -41,11 +45,12 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..recipes import AttackSection
 
-VARIANTS: tuple[str, ...] = ("t1", "identity", "iters100", "restarts", "transfer", "uncompleted", "grown", "mean-fused")
+VARIANTS: tuple[str, ...] = ("t1", "identity", "iters100", "restarts", "transfer", "uncompleted", "grown", "spread", "mean-fused")
 _SETTINGS: dict[str, tuple[str, Any]] = {  # variants that change one PatchZero setting: (attribute, value)
     "t1": ("temperature", 1.0),
     "uncompleted": ("complete", "none"),
-    "grown": ("soft_square", True),
+    "grown": ("soft_reach", "completion"),
+    "spread": ("soft_reach", "patch"),
     "mean-fused": ("temporal", "mean"),
 }
 
