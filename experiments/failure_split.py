@@ -45,7 +45,7 @@ def kept(samples: list[dict]) -> dict[str, tuple[int, int]]:
     for s in samples:
         if s.get("defense") == "patchzero" and s.get("mode") in ("do", "bpda"):
             cells["-".join(s["attack"].split("-")[:2])][s["video"]].append(s["correct"])
-    attacks = max(len(v) for videos in cells.values() for v in videos.values())  # every column has the same attacks
+    attacks = max((len(v) for videos in cells.values() for v in videos.values()), default=0)  # every column: the same attacks
     out = {}
     for column, videos in sorted(cells.items()):
         whole = [v for v in videos.values() if len(v) == attacks]

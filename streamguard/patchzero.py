@@ -431,16 +431,14 @@ class PatchZero(nn.Module):
         return dilate_mask(torch.sigmoid((logits - center) / self.temperature), reach)
 
     def _soft_spread(self, logits: Tensor) -> int:
-        """How far beyond the rim BPDA's soft mask is spread (``soft_reach``): not at all ("rim"); for
-        "completion", a stand-in for the completion, half the patch's side for "square" (a square centred
+        """How far beyond the rim BPDA's soft mask is spread (``soft_reach``). "rim": not at all.
+        "completion", a stand-in for the completion: half the patch's side for "square" (a square centred
         on what was found), the side less one for "cover" (a detected pixel's cover reaches that far),
-        nothing for the completions that do not grow; for "patch", the side less one whatever the
-        completion (every detection within a patch's reach costs the attacker its neighbourhood)."""
+        nothing for the completions that do not grow. "patch": the side less one whatever the completion."""
         side = self._patch_side(logits)
-        if self.soft_reach == "patch":
-            return side - 1
-        grown = {"square": side // 2, "cover": side - 1}.get(self.complete, 0)
-        return grown if self.soft_reach == "completion" else 0
+        if self.soft_reach == "completion":
+            return {"square": side // 2, "cover": side - 1}.get(self.complete, 0)
+        return side - 1 if self.soft_reach == "patch" else 0
 
     def _patch_side(self, logits: Tensor, area: float | None = None) -> int:
         """The side of the threat model's largest square patch (or one of ``area``) at the working scale, in pixels."""
