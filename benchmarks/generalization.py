@@ -10,7 +10,11 @@ made downstream-only against the recipe's classifier) and area (5%, 10% squares,
 clip), a patch is drawn at the model's scale (the clip resized to the model's input) and, for the
 native sizes, enlarged pixel by pixel to the frame and pasted there. The defense is the recipe's
 PatchZero, exactly as ``sanitize`` builds it; its mask is scored against the true one (pixel
-precision / recall / F1). Families the recipe's ``[train.patches] held_out`` names are marked.
+precision / recall / F1). A patch reaches a deployed model through a codec, so each is also scored
+at 320x240 after an H.264 round trip (:data:`CODEC`): whether it still fools the model (against the
+model's prediction on the same clean clip through the same codec, so that the codec's own effect is not
+counted) and what the detector finds of it. The mean change a patch makes to the pixels it covers, in
+grey levels, says how visible it is. Families the recipe's ``[train.patches] held_out`` names are marked.
 Benign false-positive rate: the masked fraction of clean clips of the video and of lavfi test
 patterns at native sizes. Writes a table and ``benchmarks/results/generalization.{json,md}``.
 """
@@ -37,7 +41,7 @@ from streamguard.checkpoints import atomic_write_text
 from streamguard.io import open_source
 from streamguard.metrics import PixelCounts
 from streamguard.models import build_model
-from streamguard.patches import TEXTURES, patch_geometry, place_patch, texture
+from streamguard.patches import TEXTURES, compressed, patch_geometry, place_patch, texture
 from streamguard.patchzero import build_defense
 from streamguard.recipes import load_recipe
 from streamguard.resize import resize_frames
@@ -48,6 +52,7 @@ ATTACKS = ("pgd", "apgd", "cw")
 NATIVE = {"320x240": (240, 320), "640x480": (480, 640)}
 PATTERNS = ("testsrc2", "smptebars", "mandelbrot")
 PATTERN_SIZES = ((240, 320), (480, 640), (720, 1280))
+CODEC = ("h264", 23)  # libx264's default CRF (veryfast), at 320x240
 
 
 def video_clips(path: str, n: int, t: int) -> list[np.ndarray]:
@@ -109,6 +114,21 @@ def score(defense: Any, x: Tensor, mask: Tensor) -> PixelCounts:
     return PixelCounts.from_masks(defense.mask(x) > 0.5, mask > 0.5)
 
 
+def through_codec(model: Any, defense: Any, adv: Tensor, mask: Tensor, natives: list[Tensor], coded_pred: Tensor) -> tuple[PixelCounts, float]:
+    """The patches of ``adv`` (N, 3, T, h, w) pasted at 320x240 and sent through :data:`CODEC`: the detector's
+    pixel counts, and the fraction of clips whose prediction differs from ``coded_pred`` (the clean clips' through it)."""
+    hw, size = NATIVE["320x240"], tuple(adv.shape[-2:])
+    total, small = PixelCounts(), []
+    for i, x in enumerate(natives):
+        big_adv, big_mask = resize_clip(adv[i : i + 1], hw, "nearest-exact"), resize_clip(mask[i : i + 1], hw, "nearest-exact")
+        coded = compressed((resize_clip(x, hw) * (1 - big_mask) + big_adv * big_mask)[0], *CODEC)[None]
+        total = total + score(defense, coded, big_mask)
+        small.append(resize_clip(coded, size))
+    with torch.no_grad():
+        fooled = (model(torch.cat(small)).argmax(1) != coded_pred).float().mean().item()
+    return total, fooled
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = load_recipe(args.recipe)
     model = build_model(recipe.model.name, recipe.model.num_classes, recipe.model.weights).eval()
@@ -117,6 +137,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = tuple(model.spec.input_size)
     natives = [as_clip(c) for c in video_clips(args.video, args.clips, t)]
     small = torch.cat([resize_clip(x, size) for x in natives])  # the model's view of each clip
+    coded = [compressed(resize_clip(x, NATIVE["320x240"])[0], *CODEC)[None] for x in natives]
+    with torch.no_grad():
+        coded_pred = model(torch.cat([resize_clip(c, size) for c in coded])).argmax(1)  # the clean clips through the codec
     held_out = set(recipe.train.patches.held_out)
     seen = set(recipe.train.patches.textures) | {"pgd", "apgd"}
     rows = []
@@ -138,8 +161,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     big_adv, big_mask = resize_clip(adv[i : i + 1], hw, "nearest-exact"), resize_clip(mask[i : i + 1], hw, "nearest-exact")
                     total = total + score(defense, bg * (1 - big_mask) + big_adv * big_mask, big_mask)
                 counts[name] = total
+            counts["h264"], codec_fooled = through_codec(model, defense, adv, mask, natives, coded_pred)
+            change = 255 * ((adv - small).abs().sum() / (mask.sum() * adv.shape[1])).item()
             status = "held out" if family in held_out else ("seen" if family in seen else "unseen")
-            rows.append({"family": family, "area": area, "status": status, "fooled": fooled,
+            rows.append({"family": family, "area": area, "status": status, "fooled": fooled, "change": change, "h264_fooled": codec_fooled,
                          **{k: {"precision": c.precision, "recall": c.recall, "f1": c.f1} for k, c in counts.items()}})  # fmt: skip
             print(f"{family:8s} {area:.2f} " + " ".join(f"{k} R {c.recall:.3f}" for k, c in counts.items()), flush=True)
     benign = {}
@@ -166,12 +191,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"Detector `{s['detector']}` (recipe `{s['recipe']}`, working size {s['working_size']}, dilate {s['dilate']}); "
         f"{s['clips']} clips x {s['frames']} frames of `{Path(s['video']).name}`, seed {s['seed']}, attacks {s['iters']} iterations.",
         "",
-        "| Family | Area | In training | Fools the model | Model scale P / R / F1 | 320x240 P / R / F1 | 640x480 P / R / F1 |",
-        "| --- | ---: | --- | ---: | --- | --- | --- |",
+        f"Change: the mean absolute change of the patch's pixels, in grey levels (0-255). H.264: at 320x240 through libx264 "
+        f"CRF {CODEC[1]}; it fools the model if the prediction differs from the clean clip's through the same codec.",
+        "",
+        "| Family | Area | In training | Change | Fools the model | Model scale P / R / F1 | 320x240 P / R / F1 | 640x480 P / R / F1 "
+        "| H.264: fools | H.264 P / R / F1 |",
+        "| --- | ---: | --- | ---: | ---: | --- | --- | --- | ---: | --- |",
     ]
     for r in result["families"]:
-        cells = [" / ".join("–" if v != v else f"{100 * v:.1f}" for v in r[k].values()) for k in ("model", *NATIVE)]
-        lines.append(f"| {r['family']} | {100 * r['area']:.0f}% | {r['status']} | {100 * r['fooled']:.0f}% | " + " | ".join(cells) + " |")
+        cells = [" / ".join("–" if v != v else f"{100 * v:.1f}" for v in r[k].values()) for k in ("model", *NATIVE, "h264")]
+        lines.append(f"| {r['family']} | {100 * r['area']:.0f}% | {r['status']} | {r['change']:.1f} | {100 * r['fooled']:.0f}% | "
+                     + " | ".join(cells[:-1]) + f" | {100 * r['h264_fooled']:.0f}% | {cells[-1]} |")
     lines += ["", "| Clean source (native size) | Masked fraction |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.2e} |" for k, v in result["benign_fpr"].items()]
     return "\n".join(lines) + "\n"
@@ -198,10 +228,10 @@ def main() -> None:
     atomic_write_text(args.output.with_suffix(".json"), json.dumps(result, indent=2))
     atomic_write_text(args.output.with_suffix(".md"), markdown(result))
     table = Table(title="patch detector generalization (recall %)")
-    for col in ("family", "area", "training", "model", *NATIVE):
+    for col in ("family", "area", "training", "model", *NATIVE, "h264"):
         table.add_column(col)
     for r in result["families"]:
-        table.add_row(r["family"], f"{100 * r['area']:.0f}%", r["status"], *(f"{100 * r[k]['recall']:.1f}" for k in ("model", *NATIVE)))
+        table.add_row(r["family"], f"{100 * r['area']:.0f}%", r["status"], *(f"{100 * r[k]['recall']:.1f}" for k in ("model", *NATIVE, "h264")))
     Console().print(table)
     Console().print({k: f"{v:.2e}" for k, v in result["benign_fpr"].items()})
 

@@ -23,7 +23,9 @@ def test_quick_run_reports_every_family_area_and_size(tmp_path: Path) -> None:
     families = {(r["family"], r["area"]) for r in result["families"]}
     assert len(families) == 2 * 10 and {f for f, _ in families} >= {"uniform", "blocky", "pgd", "apgd", "cw"}
     for r in result["families"]:
-        assert set(r) >= {"model", "320x240", "640x480", "status", "fooled"}
-        assert 0 <= r["model"]["recall"] <= 1 and r["status"] in ("seen", "held out", "unseen")
+        assert set(r) >= {"model", "320x240", "640x480", "h264", "status", "fooled", "h264_fooled", "change"}
+        assert 0 <= r["model"]["recall"] <= 1 and 0 <= r["h264"]["recall"] <= 1 and r["status"] in ("seen", "held out", "unseen")
+    change = {r["family"]: r["change"] for r in result["families"] if r["area"] == 0.05}
+    assert change["uniform"] > 40 > change["cw"]  # uniform noise replaces the pixels (~85 grey levels); CW nudges them
     assert {r["status"] for r in result["families"] if r["family"] in ("blocky", "cw")} == {"held out"}
     assert "testsrc2 1280x720" in result["benign_fpr"] and "| Family |" in out.with_suffix(".md").read_text()
