@@ -10,8 +10,9 @@ and masks, against that same detector, compares the stored pool content with a f
 and 20 iterations; with ``--continue K...`` also the pool content attacked K more iterations against this
 detector (does a warm start plus K iterations reach a fresh attack of many more?). Prints fooled fraction and
 mean cross-entropy of each; ``--json`` writes them.
-With ``--uncompleted`` only the slots a race attacks without shape completion (``train.race.uncompleted``) are
-ranked, and the fresh attacks go through the defense without it too; every row is scored through the real defense.
+With ``--uncompleted`` only the slots a race attacks through another view of the defense (``train.race.uncompleted``,
+``uncompleted_view``: without shape completion by default) are ranked, and the fresh attacks go through that view
+too; every row is scored through the real defense.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from streamguard.recipes import load_recipe
 from streamguard.training.attack_cache import load_downstream
 from streamguard.training.core import recipe_dataset
 from streamguard.training.race import PatchPool, patch_attack
+from streamguard.training.stages import race_view
 
 
 def main() -> None:
@@ -42,7 +44,7 @@ def main() -> None:
     parser.add_argument("--min-iters", type=int, default=40)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--method", choices=("pgd", "apgd"), default="pgd")
-    parser.add_argument("--uncompleted", action="store_true", help="the race's completion-blind slots, attacked the same way")
+    parser.add_argument("--uncompleted", action="store_true", help="the race's slots attacked through train.race.uncompleted_view, fresh attacks through it too")
     parser.add_argument("--continue", dest="more", type=int, nargs="*", default=[], metavar="K",
                         help="also the pool patches attacked K more iterations (several K: one row each)")
     parser.add_argument("--json", type=Path, default=None)
@@ -55,7 +57,8 @@ def main() -> None:
     detector = build_detector(d.backbone, width=d.width, refine=d.refine, aux=True)
     detector.load_state_dict(state["model"])
     bpda = build_defense(d, detector=detector.eval(), mean=model.spec.mean, bpda=True, input_size=rec.data.size).eval()
-    through = build_defense(d, detector=detector, mean=model.spec.mean, bpda=True, input_size=rec.data.size, complete="none").eval()
+    through = build_defense(d, detector=detector, mean=model.spec.mean, bpda=True, input_size=rec.data.size)
+    through = race_view(through, rec.train.race.uncompleted_view).eval()
     pool = PatchPool([], None, 0)  # type: ignore[arg-type]
     pool.load_state_dict(state["buffers"]["pool"])
     slots = pool.entries[: rec.train.race.uncompleted] if args.uncompleted else pool.entries

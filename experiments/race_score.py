@@ -8,8 +8,8 @@ BPDA attack (``train.race.eval_method``; ``--iters``, ``--method`` and ``--uncom
 the masks and start content of ``train.seed`` (``held_out_race``; before commit 4f157d6 these were
 test clips), through PatchZero at the recipe's working scale; then
 the clean and robust score (top-1, or box AP50 for a frame detector), the patch pixels' recall and
-precision under the attack (made without shape completion with ``train.race.eval_uncompleted``, scored
-through the real defense), the masked fraction of the clean validation clips (``clean_fpr``) and of
+precision under the attack (made through ``train.race.uncompleted_view`` with ``train.race.eval_uncompleted``:
+without shape completion, or with the spread soft mask; scored through the real defense), the masked fraction of the clean validation clips (``clean_fpr``) and of
 32 held-out benign clips. So a stage-2 run's
 history can be set beside the detector it started from (issue #16).
 """
@@ -31,6 +31,7 @@ from streamguard.training.stages import (
     held_out_benign,
     held_out_race,
     race_score,
+    race_view,
 )
 
 
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--method", choices=["pgd", "apgd"], default=None)
-    parser.add_argument("--uncompleted", action="store_true", help="attack through the defense without shape completion")
+    parser.add_argument("--uncompleted", action="store_true", help="attack through train.race.uncompleted_view (default: without shape completion)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rec = load_recipe(args.recipe)
@@ -60,14 +61,14 @@ def main() -> None:
     for weights in args.weights:
         start = time.perf_counter()
         defense = defense_for(weights)
-        through = defense_for(weights, complete="none") if r.eval_uncompleted else None
+        through = race_view(defense_for(weights), r.uncompleted_view) if r.eval_uncompleted else None
         scores = race_score(model, defense, x, y, mask, z0, r.eval_iters, rec.attack.step, r.eval_method, through=through)
         scores["benign_fpr"] = benign_fpr(defense, benign)
         results[weights] = {**scores, "seconds": round(time.perf_counter() - start, 1)}
         print(weights, {k: round(v, 4) for k, v in results[weights].items()}, flush=True)
     if args.json:
         settings = {"recipe": rec.name, "clips": len(x), "iters": r.eval_iters, "method": r.eval_method,
-                    "uncompleted": r.eval_uncompleted, "seed": rec.train.seed}
+                    "uncompleted": r.eval_uncompleted, "view": r.uncompleted_view, "seed": rec.train.seed}
         args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
 
 

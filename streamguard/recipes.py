@@ -175,7 +175,9 @@ class RaceTrainSection:
     edge_px: int = 2
     hard: int = 0  # clean footage clips a step mined from those the detector comes nearest to masking (hard negatives)
     hard_task: int = 0  # clean clips of the task's own training videos a step, mined the same way
-    uncompleted: int = 0  # pool slots (the first ones) whose attacks go through the defense without shape completion
+    uncompleted: int = 0  # pool slots (the first ones) whose attacks go through another view of the defense:
+    uncompleted_view: Literal["uncompleted", "spread"] = "uncompleted"  # ... without shape completion, or with the soft
+    # mask spread by the largest patch's side less one (the evaluation's variants of these names)
     uncompleted_iters: int = 0  # ... continued this many iterations a draw (0: iters)
     uncompleted_method: Literal["", "pgd", "apgd"] = ""  # ... by this method ("": method); apgd under a pgd race restarts
     # from the stored content at each draw (a warm start: docs/results.md, races against the completion-blind attacker)
@@ -183,7 +185,7 @@ class RaceTrainSection:
     average: float = 0.0  # if set, the decay of a moving average of the detector's weights, which is what is scored and kept
     eval_iters: int = 20  # the held-out race: a fresh BPDA attack of this many iterations on train.eval_videos clips
     eval_method: Literal["pgd", "apgd"] = "pgd"  # ... and its method
-    eval_uncompleted: bool = False  # ... through the defense without shape completion, scored through the real one
+    eval_uncompleted: bool = False  # ... through uncompleted_view, scored through the real defense
     max_benign_fpr: float = 1.0  # a checkpoint is kept as the best only if it masks at most this fraction of the pixels
     # of the held-out benign clips and of the clean validation clips
 

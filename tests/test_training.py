@@ -441,25 +441,32 @@ def test_stage2_race_mines_the_tasks_own_clean_clips(tmp_path: Path, synth: Path
 def test_race_attacks_its_first_slots_and_the_held_out_race_without_shape_completion(
     tmp_path: Path, synth: Path, victim: Path, stage1: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``uncompleted``: the drawn pool slots below it are attacked through the defense without its box
-    completion (after the others), and ``eval_uncompleted`` attacks the held-out race the same way."""
+    """``uncompleted``: the drawn pool slots below it are attacked through another view of the defense
+    (after the others), ``uncompleted_view``: without its box completion, or with the soft mask spread by
+    the patch's side; ``eval_uncompleted`` attacks the held-out race the same way."""
     from streamguard.training import stages
     from streamguard.training.race import PatchPool
 
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, str, int]] = []
     attack = stages.patch_attack
 
     def recorded(model: Any, defense: Any, x: torch.Tensor, *a: Any, **k: Any) -> Any:
-        calls.append((defense.complete, len(x)))
+        calls.append((defense.complete, defense.soft_reach, len(x)))
         return attack(model, defense, x, *a, **k)
 
     monkeypatch.setattr(stages, "patch_attack", recorded)
     monkeypatch.setattr(PatchPool, "draw", lambda self, k, rng: [4, 1][:k])  # slot 1 is below uncompleted = 3, slot 4 is not
-    for uncompleted, expected in ((3, [("box", 1), ("none", 1), ("none", 2)]), (0, [("box", 2), ("box", 2)])):
+    cases = (
+        (3, "uncompleted", [("box", "rim", 1), ("none", "rim", 1), ("none", "rim", 2)]),
+        (3, "spread", [("box", "rim", 1), ("box", "patch", 1), ("box", "patch", 2)]),
+        (0, "uncompleted", [("box", "rim", 2), ("box", "rim", 2)]),
+    )
+    for uncompleted, view, expected in cases:
         calls.clear()
-        r = race_recipe(tmp_path / str(uncompleted), synth, victim, stage1, steps=1, eval_every=1)
+        r = race_recipe(tmp_path / f"{uncompleted}-{view}", synth, victim, stage1, steps=1, eval_every=1)
         r.defense.complete = "box"
         r.train.race.uncompleted, r.train.race.eval_uncompleted = uncompleted, bool(uncompleted)
+        r.train.race.uncompleted_view = view
         train_detector_stage2(r, init=stage1, eval_videos=2)
         assert calls == expected  # one training step's draws, then the held-out race of 2 clips
     r.train.race.uncompleted = RACE["pool"] + 1

@@ -65,6 +65,18 @@ def _patchzero(recipe: Recipe, detector: nn.Module, mean: Sequence[float], bpda:
     return build_defense(recipe.defense, detector=detector, mean=mean, bpda=bpda, input_size=size, **overrides)
 
 
+VIEWS: dict[str, tuple[str, Any]] = {  # [train.race] uncompleted_view: the PatchZero setting (attribute, value) it changes
+    "uncompleted": ("complete", "none"),  # the attacker who ignores the shape completion
+    "spread": ("soft_reach", "patch"),  # the attacker who drives down every detection within a patch's reach
+}
+
+
+def race_view(defense: nn.Module, name: str) -> nn.Module:
+    """``defense`` as the attacker of ``[train.race] uncompleted_view`` ``name`` sees it (:data:`VIEWS`), changed in place."""
+    setattr(defense, *VIEWS[name])
+    return defense
+
+
 def _detector_step(
     detector: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -365,8 +377,9 @@ def _race(
     training clips the detector came nearest to masking when last mined (every :data:`HARD_EVERY`
     steps): hard negatives, since a race teaches the detector to mark the natural textures the attacker
     imitates; ``hard_task`` mines the task's own training clips the same way. The first ``uncompleted`` of
-    the pool's slots are attacked through the defense without shape completion (the evaluation's
-    ``uncompleted`` attacker, who erodes the detected region until its box no longer covers the patch),
+    the pool's slots are attacked through another view of the defense, ``uncompleted_view`` (:data:`VIEWS`):
+    without shape completion (the evaluation's ``uncompleted`` attacker, who erodes the detected region
+    until its box no longer covers the patch) or with the soft mask spread by the patch's side (``spread``),
     ``uncompleted_iters`` iterations a draw by ``uncompleted_method`` when set (AutoPGD in a PGD race
     restarts from the stored content: a warm start), and with ``eval_uncompleted`` so is the held-out race
     (scored through the real defense). With
@@ -396,7 +409,7 @@ def _race(
         param.requires_grad_(True)
     mean = model.spec.mean
     bpda = _patchzero(recipe, detector, mean, bpda=True).to(dev)
-    bpda_open = _patchzero(recipe, detector, mean, bpda=True, complete="none").to(dev)  # the completion-blind attacker's view
+    bpda_open = race_view(_patchzero(recipe, detector, mean, bpda=True), r.uncompleted_view).to(dev)  # the slots' view
     optimizer = torch.optim.Adam(detector.parameters(), lr=t.lr)
     config = run_config(recipe, stage=2, backbone=recipe.defense.backbone, init=str(init), race=dataclasses.asdict(r))
     run = Run(Path(t.output) / "detector-stage2-state.pt", detector, optimizer, config, main=ddp.main)
@@ -419,7 +432,7 @@ def _race(
     run.collect = lambda: {"pool": pool.state_dict(), **hard, **({"ema": ema.state_dict()} if ema is not None else {})}
     judged = ema.module if ema is not None else detector  # what the held-out race scores and what is kept
     bpda_judged = _patchzero(recipe, judged, mean, bpda=True).to(dev) if ema is not None else bpda
-    judged_open = _patchzero(recipe, judged, mean, bpda=True, complete="none").to(dev) if ema is not None else bpda_open
+    judged_open = race_view(_patchzero(recipe, judged, mean, bpda=True), r.uncompleted_view).to(dev) if ema is not None else bpda_open
     net = data_parallel(detector, ddp, dev)
     share = ddp.rows(r.draw)  # this rank continues the attacks of these drawn entries; every rank keeps the whole pool
     workers = recipe.data.workers
