@@ -438,7 +438,7 @@ def test_stage2_race_mines_the_tasks_own_clean_clips(tmp_path: Path, synth: Path
     assert 0 <= int(mined.min()) and int(mined.max()) < n_pool and len(buffers["hard"]) == 0
 
 
-def test_race_attacks_its_first_slots_and_the_held_out_race_without_shape_completion(
+def test_race_attacks_its_first_slots_and_the_held_out_race_through_another_view(
     tmp_path: Path, synth: Path, victim: Path, stage1: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``uncompleted``: the drawn pool slots below it are attacked through another view of the defense
