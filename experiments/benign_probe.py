@@ -1,6 +1,6 @@
 """How much clean video a detector masks, and what a higher threshold would cost.
 
-    python experiments/benign_probe.py WEIGHTS [--recipe synth-clip] [--picture masked.png] [--test-videos 48]
+    python experiments/benign_probe.py WEIGHTS [--recipe synth-clip] [--picture masked.png] [--test-videos 48] [--min-core 4]
 
 Prints the race's held-out benign masked fraction (``held_out_benign`` + ``benign_fpr``: 16 clips of
 the footage's test split and 16 unseen graphics clips, through the full defense at 0.5, with the
@@ -8,7 +8,8 @@ recipe's shape completion) and which of those clips are masked at all, the same 
 clean validation clips of the task (``held_out_race``; the race's ``clean_fpr``; ``--picture``: one row
 per masked clip, its first frame | the fused patch probability | the mask, 3x; ``--test-videos N``: the
 highest fused probability and the masked fraction of the first N clean videos of ``evaluate``'s order, the
-test videos, to read a table's clean column and never to choose by), then, per
+test videos, to read a table's clean column and never to choose by; ``--min-core``: the defense's ``min_core``,
+default the recipe's), then, per
 threshold, the fraction of pixels above it (temporal mean fusion, no dilation) on 24 footage train,
 24 footage test and 24 training-graphics clips, and the DO pixel recall on 24 cached attacks. Seed 0.
 Needs ``data/footage`` and the recipe's attack cache.
@@ -67,7 +68,8 @@ def print_test_videos(defense: torch.nn.Module, rec: Any, n: int) -> None:
     for v, name in evaluation_videos(replace(rec, evaluate=replace(rec.evaluate, max_videos=n)), ds):
         x = torch.as_tensor(ds[v][0], dtype=torch.float32)
         rows.append((float(fused_probabilities(defense.detector, [x]).max()), benign_fpr(defense, x[None]), name))
-    print("clean test videos, nearest to masked first:", [f"{v}: {p:.3f}, {f:.2e}" for p, f, v in sorted(rows, reverse=True)[:5]])
+    print(f"clean test videos: masked fraction {np.mean([f for _, f, _ in rows]):.2e} (the videos are of one size); nearest to masked first:",
+          [f"{v}: {p:.3f}, {f:.2e}" for p, f, v in sorted(rows, reverse=True)[:5]])
 
 
 def main() -> None:
@@ -76,10 +78,12 @@ def main() -> None:
     parser.add_argument("--recipe", default="synth-clip")
     parser.add_argument("--picture", type=Path, default=None)
     parser.add_argument("--test-videos", type=int, default=0)
+    parser.add_argument("--min-core", type=int, default=None)
     args = parser.parse_args()
     rec = load_recipe(args.recipe)
     defense = load_defense(args.weights)
     defense.complete = rec.defense.complete or defense.complete  # the race judges through the recipe's defense
+    defense.min_core = next(v for v in (args.min_core, rec.defense.min_core, defense.min_core) if v is not None)
     held = held_out_benign(rec, 32)
     print(f"held-out benign masked fraction: footage {benign_fpr(defense, held[:16]):.2e}, graphics {benign_fpr(defense, held[16:]):.2e}")
     masked = {i: f"{f:.2e}" for i in range(len(held)) if (f := benign_fpr(defense, held[i : i + 1]))}

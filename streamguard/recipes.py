@@ -53,6 +53,7 @@ class DefenseSection:
     cover_scale: float | None = None  # "cover": each region's squares at most this times its longer side (default 0: the largest patch)
     patch_areas: list[float] | None = None  # "cover": the threat model's smaller patches; a region is covered for the
     # smallest that holds its longer side (default none: every region for the largest, patch_area)
+    min_core: int | None = None  # regions with fewer pixels over the threshold are dropped as specks (default 0: none)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from streamguard.errors import ConfigError
 from streamguard.io import open_source
 from streamguard.metrics import PixelCounts
 from streamguard.models import load_model
-from streamguard.patchzero import PatchZero, build_defense, complete_mask
+from streamguard.patchzero import PatchZero, build_defense, complete_mask, dilate_mask
 from streamguard.pipeline import Pipeline
 from streamguard.recipes import DefenseSection
 from streamguard.resize import refresh_region, resize_frames, resize_uint8
@@ -223,6 +223,35 @@ def test_cover_sized_by_the_region_greys_less_around_a_small_region(tmp_path) ->
     assert load_defense(tmp_path / "pz.pt").cover_scale == 2.0
     section = DefenseSection(complete="cover", cover_scale=1.25)
     assert build_defense(section, weights=tmp_path / "pz.pt", mean=(0.5,) * 3).cover_scale == 1.25
+
+
+def test_specks_below_min_core_are_dropped_before_completion(tmp_path) -> None:
+    """``min_core`` drops a region of the dilated mask holding fewer pixels over the threshold than it
+    asks (a 3-pixel speck and its rim), keeps one with as many (a 2x2 core grown to its square), and
+    counts cores per region, not per frame; it is off at 0, travels in the weights' meta and is a recipe setting."""
+    from streamguard.patchzero import drop_specks, load_defense, save_defense
+
+    prob = torch.full((1, 1, 1, 32, 32), 0.1)
+    prob[..., 4, 4:7] = 0.9  # a speck of 3 core pixels
+    prob[..., 20:22, 20:22] = 0.9  # 4 core pixels
+    prob[..., 4, 28] = prob[..., 4, 30] = 0.9  # 2 pixels a dilation apart: one region of 2 cores
+    mask = dilate_mask((prob > 0.5).float(), 1)
+    kept = drop_specks(mask, prob, 0.5, 4)[0, 0, 0]
+    assert kept[19:23, 19:23].all() and kept.sum().item() == 16
+    assert torch.equal(drop_specks(mask, prob, 0.5, 0), mask) and torch.equal(drop_specks(mask, prob, 0.5, 3)[..., :10, :10], mask[..., :10, :10])
+    x = torch.zeros(1, 3, 2, 32, 32)
+    x[..., 4, 4:7] = 1.0
+    x[..., 20:22, 20:22] = 1.0
+    defense = PatchZero(_Spot(), (0.5, 0.5, 0.5), dilate=1, complete="square", patch_area=0.09, min_core=4)
+    m = defense.mask(x)[0, 0, 0]
+    assert m[:10, :10].sum() == 0 and m[20:22, 20:22].all() and m.sum().item() == 12 * 12  # the square: round(sqrt(.09) * 32) + 2 rim
+    assert PatchZero(_Spot(), (0.5, 0.5, 0.5), dilate=1, complete="square", patch_area=0.09).mask(x)[0, 0, 0, 3:6, 3:8].all()
+    with pytest.raises(ConfigError, match="min_core"):
+        PatchZero(_Spot(), (0.5, 0.5, 0.5), min_core=-1)
+    detector = PSPNet("mobilenet_v3", aux=False, width=0.125)
+    save_defense(PatchZero(detector, (0.5, 0.5, 0.5), min_core=4), tmp_path / "pz.pt")
+    assert load_defense(tmp_path / "pz.pt").min_core == 4
+    assert build_defense(DefenseSection(min_core=2), weights=tmp_path / "pz.pt", mean=(0.5,) * 3).min_core == 2
 
 
 def test_cover_for_the_smallest_patch_that_holds_the_region(tmp_path) -> None:
