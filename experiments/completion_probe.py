@@ -2,7 +2,7 @@
 
     python experiments/completion_probe.py [WEIGHTS] [--recipe synth-clip] [--clips 48] [--iters N]
         [--method pgd|apgd] [--area A] [--settings none:3 hull:3 box:3 ...] [--judge square:3 ...]
-        [--temporal mean|median] [--save CLIPS.pt | --load CLIPS.pt] [--json OUT]
+        [--temporal mean|median] [--place mass|middle] [--save CLIPS.pt | --load CLIPS.pt] [--json OUT]
 
 For each setting ``COMPLETE:DILATE[:LOW]`` (``complete`` none, hull, box, square or cover, or ``coverK``, a cover sized
 by each region, squares of at most K times its longer side (``defense.cover_scale``); ``dilate`` in working-scale
@@ -23,7 +23,8 @@ are not attacked themselves, only judged on every attack made (one patient attac
 keeps the attacked clips, and ``--load`` judges them again (the same recipe, ``--clips`` and
 ``--area``). ``--area`` draws every patch at that area instead of ``train.area_range`` (Table 4's
 columns are 5% and 10%). ``--temporal`` fuses the clip's logits another way in every setting
-(``defense.temporal``).
+(``defense.temporal``). ``--place middle`` puts every square of a "square" completion in the middle of the places
+that contain its region instead of where the detection's probabilities sum highest (a trial, not a defense setting).
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+import streamguard.patchzero
 from streamguard.metrics import PixelCounts
 from streamguard.patchzero import GROWN, PatchZero, build_defense, complete_mask, dilate_mask
 from streamguard.recipes import load_recipe
@@ -71,6 +74,14 @@ class Hysteresis(PatchZero):
         return dilate_mask(torch.sigmoid((logits - center) / self.temperature), self.dilate)
 
 
+def _square_in_the_middle(integral: np.ndarray, x: int, y: int, w: int, h: int, side: int) -> tuple[int, int, int, int]:
+    """``_square_around`` with every place's mass equal, so the square sits in the middle of its places."""
+    return _square_by_mass(np.zeros_like(integral), x, y, w, h, side)
+
+
+_square_by_mass = streamguard.patchzero._square_around
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights", nargs="?", default=None)
@@ -83,11 +94,14 @@ def main() -> None:
     parser.add_argument("--judge", nargs="*", default=[])
     parser.add_argument("--near", type=int, default=1)
     parser.add_argument("--temporal", default=None, help="defense.temporal for every setting (default: the recipe's)")
+    parser.add_argument("--place", choices=["mass", "middle"], default="mass", help="where a square completion sits among its places")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--save", type=Path, default=None, help="write the attacked clips here (torch.save)")
     parser.add_argument("--load", type=Path, default=None, help="judge the clips --save wrote (same problem) instead")
     args = parser.parse_args()
     rec = load_recipe(args.recipe)
+    if args.place == "middle":
+        streamguard.patchzero._square_around = _square_in_the_middle
     weights, iters = args.weights or rec.defense.weights, args.iters or rec.train.race.eval_iters
     dev = torch.device("cpu")
     model = load_downstream(rec, dev).eval()
@@ -156,7 +170,7 @@ def main() -> None:
     if args.json:
         settings = {"recipe": rec.name, "weights": weights, "clips": len(x), "method": args.method, "iters": iters,
                     "area": args.area, "near": args.near, "temporal": args.temporal or rec.defense.temporal,
-                    "seed": rec.train.seed}  # fmt: skip
+                    "place": args.place, "seed": rec.train.seed}  # fmt: skip
         args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=1) + "\n")
 
 
