@@ -95,7 +95,8 @@ class SanitizeSettings:
     recipe: str | None = None  # recipe name or TOML path
     threshold: float | None = None
     dilate: int | None = None
-    complete: str | None = None  # shape completion: none, hull, box or square
+    complete: str | None = None  # shape completion: none, hull, box, square or cover
+    min_core: int | None = None  # regions with fewer pixels over the threshold are dropped as specks
     input_size: int | None = None  # --imgsz
     clip_len: int | None = None
     stride: int | None = None
@@ -123,7 +124,8 @@ def build_sanitizer(settings: SanitizeSettings) -> tuple[Any, Any, dict[str, Any
     net = net.to(device).eval() if net is not None else None
     defense = build_defense(rec.defense if rec is not None else None, weights=settings.detector,
                             mean=net.spec.mean if net is not None else None, threshold=settings.threshold,
-                            dilate=settings.dilate, complete=settings.complete, input_size=settings.input_size)  # fmt: skip
+                            dilate=settings.dilate, complete=settings.complete, min_core=settings.min_core,
+                            input_size=settings.input_size)  # fmt: skip
     p = rec.pipeline if rec is not None else None
     if p is None:
         kwargs: dict[str, Any] = {"clip_len": settings.clip_len, "stride": settings.stride, "batch": 4}

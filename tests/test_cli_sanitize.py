@@ -367,3 +367,19 @@ def test_complete_reaches_the_defense_and_a_bad_value_is_one_line(tmp_path: Path
     assert seen == ["none", "box", "hull", "none", "square", "cover"]
     bad = runner.invoke(app, base + ["--complete", "circle"])
     assert bad.exit_code != 0 and "defense.complete" in bad.output and "Traceback" not in bad.output
+
+
+def test_min_core_reaches_the_defense(tmp_path: Path, ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--min-core`` over the recipe's ``defense.min_core`` over the weights' (0), for one video and for many."""
+    seen = _spy_on_defenses(monkeypatch, "min_core")
+    src = make_video(tmp_path / "in.mp4", frames=8, audio=False)
+    recipe = tmp_path / "specks.toml"
+    recipe.write_text('extends = "camera"\n\n[defense]\nmin_core = 4\n')
+    base = ["sanitize", str(src), "-o", str(tmp_path / "out.mp4"), "--detector", str(ckpts["none"])]
+    for extra in ([], ["--min-core", "2"], ["--recipe", str(recipe)], ["--recipe", str(recipe), "--min-core", "0"]):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 0, result.output
+    many = runner.invoke(app, ["sanitize", str(tmp_path / "in*.mp4"), "-o", str(tmp_path / "many"), "--detector",
+                               str(ckpts["none"]), "--min-core", "3"])  # fmt: skip
+    assert many.exit_code == 0, many.output
+    assert seen == [0, 2, 4, 0, 3]

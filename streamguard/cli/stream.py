@@ -71,6 +71,8 @@ def sanitize(
     complete: Annotated[str | None, typer.Option("--complete", help="Shape completion of each masked region: "
         "none, hull (its convex hull), box (its bounding box), square (grown to the largest patch of the "
         "threat model) or cover (grown to every place such a patch could extend to). Default: the detector's.")] = None,
+    min_core: Annotated[int | None, typer.Option("--min-core", min=0, help="Drop masked regions with fewer pixels "
+        "over the threshold than this, as specks (0 keeps every region). Default: the detector's.")] = None,
     overlay: Annotated[Path | None, typer.Option("--overlay", help="Side-by-side input | mask | sanitized MP4 "
         "(many videos: a folder of <stem>.mp4, not the output folder).")] = None,
     predictions: Annotated[Path | None, typer.Option("--predictions", help="JSON-lines predictions of the model "
@@ -100,8 +102,9 @@ def sanitize(
     options = _demuxer_options(demuxer_option)
     if inputs is not None or (input is not None and is_batch_input(input)):
         return _sanitize_many(input, inputs, output, workers, options, ray, detector=detector, model=model, recipe=recipe,
-                              threshold=threshold, dilate=dilate, complete=complete, input_size=imgsz, clip_len=clip_len, stride=stride,
-                              vid_stride=vid_stride, device=device, predictions=predictions, overlay=overlay,
+                              threshold=threshold, dilate=dilate, complete=complete, min_core=min_core, input_size=imgsz,
+                              clip_len=clip_len, stride=stride, vid_stride=vid_stride, device=device,
+                              predictions=predictions, overlay=overlay,
                               snapshot=snapshot)  # fmt: skip
     if input is None:
         raise ConfigError("give a video (file, URL, folder, glob or @LIST.txt) or --inputs LIST.txt")
@@ -112,7 +115,8 @@ def sanitize(
     net = model_option(model, rec, device)
     if predictions is not None and net is None:
         raise ConfigError("--predictions needs a downstream model (--model or a recipe)")
-    defense = defense_option(detector, rec, net, threshold=threshold, dilate=dilate, complete=complete, input_size=imgsz)
+    defense = defense_option(detector, rec, net, threshold=threshold, dilate=dilate, complete=complete, min_core=min_core,
+                             input_size=imgsz)
     with open_source(input, options=options) as source:
         pipeline = Pipeline(
             source, defense, net, output=output, predictions=predictions, overlay=overlay, device=device_option(device),
