@@ -41,8 +41,6 @@ Temporal = Literal["mean", "none", "ema", "median"]
 TEMPORAL: tuple[str, ...] = ("mean", "none", "ema", "median")
 Complete = Literal["none", "hull", "box", "square", "cover"]
 COMPLETE: tuple[str, ...] = ("none", "hull", "box", "square", "cover")
-Specks = Literal["any", "lone"]
-SPECKS: tuple[str, ...] = ("any", "lone")
 SoftReach = Literal["rim", "completion", "patch"]
 GROWN: tuple[str, ...] = ("square", "cover")  # the completions that grow a region to the threat model's patch size
 SQUARE_MIN_CORE = 4  # "square" and "cover" grow a region only when at least this many of its pixels pass the threshold
@@ -60,16 +58,15 @@ def dilate_mask(mask: Tensor, radius: int) -> Tensor:
     return F.max_pool2d(flat, 2 * radius + 1, stride=1, padding=radius).reshape(shape)
 
 
-def drop_specks(mask: Tensor, prob: Tensor, threshold: float, min_core: int, lone: bool = False) -> Tensor:
+def drop_specks(mask: Tensor, prob: Tensor, threshold: float, min_core: int) -> Tensor:
     """``mask`` (..., H, W), 0/1, without its 8-connected regions that hold fewer than ``min_core``
-    pixels of ``prob > threshold`` (``prob``: shape of ``mask``); with ``lone`` only from the frames
-    where no region holds ``min_core`` or more.
+    pixels of ``prob > threshold`` (``prob``: shape of ``mask``).
 
     The threat model's smallest patch is tens of pixels at the working scale (5%: 196 at 64x64), and the
     box of a region the detector passes at one to three pixels covers too little of one to stop it; but
     such specks (a sign on a wall) are all the shipped detector's false positives on the clean test
-    videos and the held-out benign clips (docs/results.md, specks). Dropping them costs robust top-1 under
-    the attacker who erodes a patch's detection; ``lone`` drops only specks alone in their frame, as the benign ones are."""
+    videos and the held-out benign clips (docs/results.md, specks). Under the attacker who erodes a patch's
+    detection to specks it costs robust top-1, so it is off by default."""
     if min_core <= 1 or not bool(mask.any()):
         return mask
     flat = (mask.detach().reshape(-1, *mask.shape[-2:]) > 0.5).to(torch.uint8).cpu().numpy()
@@ -78,8 +75,6 @@ def drop_specks(mask: Tensor, prob: Tensor, threshold: float, min_core: int, lon
         count, labels = cv2.connectedComponents(flat[i], connectivity=8)
         small = np.bincount(labels[core[i]], minlength=count) < min_core
         small[0] = False
-        if lone and not small[1:].all():
-            continue
         flat[i][small[labels]] = 0
     return torch.from_numpy(flat).to(mask).reshape(mask.shape)
 
@@ -217,7 +212,7 @@ class PatchZero(nn.Module):
     are at most that many times its longer side; with ``patch_areas``, the threat model's smaller patches,
     a region is covered for the smallest of them that holds it, so a small patch found in full greys little).
     With ``min_core`` > 0 a region with fewer than that many pixels over the threshold is dropped before
-    completion (:func:`drop_specks`); with ``specks = "lone"`` only where the mask has no larger region.
+    completion (:func:`drop_specks`).
 
     Working resolution: with ``input_size`` ``(h, w)`` (the scale the detector was trained at, which
     travels in its weights' meta) every frame is resized to it (:func:`~streamguard.resize.resize_frames`, area averaging); the logits are fused,
@@ -252,7 +247,6 @@ class PatchZero(nn.Module):
         cover_scale: float = 0.0,
         patch_areas: Sequence[float] = (),
         min_core: int = 0,
-        specks: Specks = "any",
     ) -> None:
         super().__init__()
         mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
@@ -276,8 +270,6 @@ class PatchZero(nn.Module):
             raise ConfigError(f"defense.patch_areas must be fractions of the frame in (0, patch_area = {patch_area}], got {list(patch_areas)}")
         if min_core < 0:
             raise ConfigError(f"defense.min_core must be >= 0 (0: keep every region), got {min_core}")
-        if specks not in SPECKS:
-            raise ConfigError(f"defense.specks must be one of {', '.join(SPECKS)}, got {specks!r}")
         if cover_scale < 0:
             raise ConfigError(f"defense.cover_scale must be >= 0 (0: every cover the largest patch's), got {cover_scale}")
         self.detector = detector
@@ -286,7 +278,7 @@ class PatchZero(nn.Module):
         self.bpda, self.temperature, self.complete = bpda, float(temperature), complete
         self.patch_area, self.cover_scale = float(patch_area), float(cover_scale)
         self.patch_areas = tuple(sorted(float(a) for a in patch_areas))
-        self.min_core, self.specks = int(min_core), specks
+        self.min_core = int(min_core)
         self.soft_reach: SoftReach = "rim"  # how far BPDA's soft mask is spread (the "grown" and "spread" variants)
         self.register_buffer("mean", mean, persistent=False)
         self._state: Tensor | None = None
@@ -307,7 +299,6 @@ class PatchZero(nn.Module):
             **({"cover_scale": self.cover_scale} if self.complete == "cover" and self.cover_scale else {}),
             **({"patch_areas": list(self.patch_areas)} if self.complete == "cover" and self.patch_areas else {}),
             **({"min_core": self.min_core} if self.min_core else {}),
-            **({"specks": self.specks} if self.min_core and self.specks != "any" else {}),
         }
         if isinstance(self.detector, PSPNet):
             d = self.detector
@@ -457,8 +448,7 @@ class PatchZero(nn.Module):
 
     def _hard_mask(self, logits: Tensor) -> Tensor:
         prob = torch.sigmoid(logits)
-        mask = drop_specks(dilate_mask((prob > self.threshold).to(logits.dtype), self.dilate), prob, self.threshold, self.min_core,
-                           self.specks == "lone")
+        mask = drop_specks(dilate_mask((prob > self.threshold).to(logits.dtype), self.dilate), prob, self.threshold, self.min_core)
         side = self._patch_side(logits) + 2 * self.dilate  # the largest patch, detected with its rim
         smaller = [self._patch_side(logits, a) + 2 * self.dilate for a in self.patch_areas]
         return complete_mask(mask, self.complete, prob, side, self.threshold, self.cover_scale, smaller)
@@ -541,7 +531,7 @@ def _restore(t: Tensor, frames: bool) -> Tensor:
 
 _DETECTOR_KEYS = ("backbone", "width", "aux", "refine")
 _DEFENSE_KEYS = ("mean", "threshold", "dilate", "temporal", "ema", "input_size", "bpda", "temperature", "complete",
-                 "patch_area", "cover_scale", "patch_areas", "min_core", "specks")  # fmt: skip
+                 "patch_area", "cover_scale", "patch_areas", "min_core")  # fmt: skip
 
 
 def save_defense(defense: PatchZero, path: str | os.PathLike[str], **extra_meta: Any) -> str:
@@ -589,7 +579,7 @@ def build_defense(
     """The one factory from a recipe's ``[defense]`` table to a :class:`PatchZero`.
 
     Settings, later ones winning: the checkpoint's meta, the recipe's ``section`` (``threshold``,
-    ``dilate``, ``temporal``, ``ema``, and ``input_size``, ``complete``, ``patch_area``, ``patch_areas``, ``cover_scale``, ``min_core`` and ``specks`` when it
+    ``dilate``, ``temporal``, ``ema``, and ``input_size``, ``complete``, ``patch_area``, ``patch_areas``, ``cover_scale`` and ``min_core`` when it
     sets them), then ``overrides`` (``None`` keeps the value before). ``mean`` is the downstream model's dataset mean, the colour
     of the repaint. With ``detector`` (a network being trained) no checkpoint is read and the working
     resolution defaults to none; otherwise the weights are ``weights``, else ``section.weights``,
@@ -600,8 +590,7 @@ def build_defense(
         settings = {"threshold": section.threshold, "dilate": section.dilate, "temporal": section.temporal,
                     "ema": section.ema, "input_size": section.input_size, "complete": section.complete,
                     "patch_area": section.patch_area, "cover_scale": section.cover_scale,
-                    "patch_areas": section.patch_areas, "min_core": section.min_core,
-                    "specks": section.specks}  # fmt: skip
+                    "patch_areas": section.patch_areas, "min_core": section.min_core}  # fmt: skip
     settings |= {k: v for k, v in overrides.items() if v is not None}
     if mean is not None:
         settings["mean"] = tuple(float(v) for v in mean)

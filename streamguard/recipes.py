@@ -54,7 +54,6 @@ class DefenseSection:
     patch_areas: list[float] | None = None  # "cover": the threat model's smaller patches; a region is covered for the
     # smallest that holds its longer side (default none: every region for the largest, patch_area)
     min_core: int | None = None  # regions with fewer pixels over the threshold are dropped as specks (default 0: none)
-    specks: Literal["any", "lone"] | None = None  # "lone": specks dropped only where no larger region is (default "any")
 
 
 @dataclass

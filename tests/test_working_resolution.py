@@ -254,26 +254,6 @@ def test_specks_below_min_core_are_dropped_before_completion(tmp_path) -> None:
     assert build_defense(DefenseSection(min_core=2), weights=tmp_path / "pz.pt", mean=(0.5,) * 3).min_core == 2
 
 
-def test_lone_specks_are_dropped_only_where_no_larger_region_is(tmp_path) -> None:
-    """``specks = "lone"``: a frame holding only specks loses them; a speck beside a region of
-    ``min_core`` or more (what an attacker leaves of an eroded patch) is kept with it."""
-    from streamguard.patchzero import drop_specks, load_defense, save_defense
-
-    prob = torch.full((2, 1, 1, 32, 32), 0.1)
-    prob[:, ..., 4, 4:7] = 0.9  # a 3-pixel speck in both frames
-    prob[1, ..., 20:22, 20:22] = 0.9  # and a 4-pixel region in the second
-    mask = dilate_mask((prob > 0.5).float(), 1)
-    lone = drop_specks(mask, prob, 0.5, 4, lone=True)
-    assert lone[0].sum() == 0 and torch.equal(lone[1], mask[1])
-    assert drop_specks(mask, prob, 0.5, 4)[1, ..., :10, :10].sum() == 0  # "any" drops it beside the region too
-    with pytest.raises(ConfigError, match="specks"):
-        PatchZero(_Spot(), (0.5, 0.5, 0.5), specks="some")
-    detector = PSPNet("mobilenet_v3", aux=False, width=0.125)
-    save_defense(PatchZero(detector, (0.5, 0.5, 0.5), min_core=4, specks="lone"), tmp_path / "pz.pt")
-    assert load_defense(tmp_path / "pz.pt").specks == "lone"
-    assert build_defense(DefenseSection(specks="any"), weights=tmp_path / "pz.pt", mean=(0.5,) * 3).specks == "any"
-
-
 def test_cover_for_the_smallest_patch_that_holds_the_region(tmp_path) -> None:
     """With ``smaller`` sides a region is covered for the smallest patch whose side holds its longer
     side: a 6x6 region found in full under a 7-pixel small patch grows 1 pixel each way (8x8), where
